@@ -1,0 +1,19 @@
+# The two commands of the README, plus the pieces they are made of.
+PY := .venv/bin/python
+
+.PHONY: install test demo demo-seg lint
+
+install:
+	bash tools/install.sh
+
+test: install
+	$(PY) -m pytest tests
+
+demo: install
+	bash tools/demo.sh det
+
+demo-seg: install
+	bash tools/demo.sh seg
+
+lint: install
+	$(PY) -m flake8 mmsetformer tools tests configs

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Build mmsetformer's whole stack into a project-local virtual environment.
+#
+#   bash tools/install.sh            # CPU ops (or CUDA ops where a GPU + nvcc exist)
+#   MMSETFORMER_CUDA=1 bash tools/install.sh   # force mmcv's CUDA ops (needs nvcc)
+#   MMSETFORMER_CUDA=0 bash tools/install.sh   # force CPU-only ops
+#   MMSETFORMER_VENV=/path/venv bash tools/install.sh  # another venv location
+#
+# Idempotent: when the environment was built from the same pins (this file and
+# setup.cfg) and still imports, it returns in seconds.  mmcv 2.1.0 has no wheel
+# for torch 2.14, so it is built from source once (~10 min on 2 cores); pip
+# keeps the built wheel in its cache (~/.cache/pip/wheels), so a rebuild of the
+# venv on the same machine reuses it.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MMSETFORMER_VENV:-$ROOT/.venv}"
+PY_BOOT="${PYTHON:-python3}"
+
+TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
+MMENGINE_PIN="mmengine==0.10.7"
+MMCV_PIN="mmcv==2.1.0"
+DOWNSTREAM_PINS="mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 timm>=1.0,<2 pycocotools>=2.0.7 ftfy regex"
+TEST_PINS="pytest>=7 hypothesis>=6 matplotlib>=3.7"
+
+say() { printf '[install %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+# pip warns about every file:// index it cannot list on this machine kind.
+pip_() {
+  "$PY" -m pip --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
+
+stamp_of() {
+  cat "$ROOT/tools/install.sh" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" 2>/dev/null | sha256sum | cut -c1-16
+}
+STAMP_FILE="$VENV/.mmsetformer-stamp"
+want_stamp="$(stamp_of)"
+
+check_env() {
+  # Everything the project needs, including mmcv's compiled ops.
+  "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
+import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, timm, pycocotools
+from mmcv.ops import nms, RoIAlign  # compiled extension
+import mmsetformer
+PY
+}
+
+if [[ -x "$VENV/bin/python" && -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$want_stamp" ]]; then
+  if check_env; then
+    say "environment $VENV is up to date (stamp $want_stamp)"
+    exit 0
+  fi
+  say "environment $VENV has the right stamp but does not import: repairing"
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  say "creating virtual environment $VENV with $($PY_BOOT --version)"
+  "$PY_BOOT" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+say "torch: $TORCH_PIN"
+pip_ install -q $TORCH_PIN
+# mmcv's setup.py imports pkg_resources (removed in setuptools >= 80).
+say "build tools: setuptools<70, wheel, ninja, $MMENGINE_PIN"
+pip_ install -q "setuptools<70" wheel ninja $MMENGINE_PIN
+
+if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" >/dev/null 2>&1; then
+  # mmcv compiles with -std=c++17 but torch 2.14's headers need C++20.  A
+  # compiler wrapper on PATH rewrites the flag, so the sdist is built
+  # unmodified and pip caches the resulting wheel under its own key.
+  WRAP="$(mktemp -d)"
+  trap 'rm -rf "$WRAP"' EXIT
+  for cc in c++ g++ gcc cc; do
+    real="$(command -v "$cc" || true)"
+    [[ -n "$real" ]] || continue
+    cat > "$WRAP/$cc" <<W
+#!/usr/bin/env bash
+args=()
+for a in "\$@"; do
+  case "\$a" in -std=c++14|-std=c++17) a=-std=c++20;; esac
+  args+=("\$a")
+done
+exec "$real" "\${args[@]}"
+W
+    chmod +x "$WRAP/$cc"
+  done
+  export CC="$WRAP/gcc" CXX="$WRAP/g++"
+
+  cuda="${MMSETFORMER_CUDA:-auto}"
+  if [[ "$cuda" == auto ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 \
+       && "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+      cuda=1
+    else
+      cuda=0
+    fi
+  fi
+  if [[ "$cuda" == 1 ]]; then
+    # nvcc gets the same -std rewrite through torch's PYTORCH_NVCC hook.
+    nvcc_real="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+    command -v nvcc >/dev/null 2>&1 && nvcc_real="$(command -v nvcc)"
+    cat > "$WRAP/nvcc" <<W
+#!/usr/bin/env bash
+args=()
+for a in "\$@"; do
+  case "\$a" in -std=c++14|-std=c++17) a=-std=c++20;; esac
+  args+=("\$a")
+done
+exec "$nvcc_real" "\${args[@]}"
+W
+    chmod +x "$WRAP/nvcc"
+    export PYTORCH_NVCC="$WRAP/nvcc" FORCE_CUDA=1
+    say "mmcv ops: CUDA + CPU (FORCE_CUDA=1, nvcc=$nvcc_real)"
+  else
+    export FORCE_CUDA=0
+    say "mmcv ops: CPU only (set MMSETFORMER_CUDA=1 on a CUDA machine)"
+  fi
+  export PATH="$WRAP:$PATH" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  say "$MMCV_PIN with compiled ops: from pip's wheel cache if built before, else a source build (~10 min)"
+  pip_ install --no-build-isolation $MMCV_PIN
+else
+  say "mmcv 2.1.0 with ops already present"
+fi
+
+say "OpenMMLab libraries and timm: $DOWNSTREAM_PINS"
+# setuptools back to what torch asks for, now that mmcv is built.
+pip_ install -q $DOWNSTREAM_PINS $TEST_PINS "setuptools>=77"
+say "mmsetformer (editable)"
+pip_ install -q --no-build-isolation --no-deps -e "$ROOT"
+
+if ! check_env; then
+  say "ERROR: the environment does not import; details:"
+  "$PY" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, timm, mmsetformer" || true
+  exit 1
+fi
+echo "$want_stamp" > "$STAMP_FILE"
+say "ready: $("$PY" -c 'import torch,mmcv,mmdet,mmseg,mmpretrain,timm;print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, timm {timm.__version__}")')"
