@@ -44,10 +44,21 @@ def register_safe_globals() -> None:
     safe += list({type(np.dtype(t)) for t in np.sctypeDict.values()})
     try:
         from mmengine.logging.history_buffer import HistoryBuffer
-        safe.append(HistoryBuffer)
     except ImportError:
-        pass
+        HistoryBuffer = None
+    if HistoryBuffer is not None:
+        safe.append(HistoryBuffer)
+        # mmengine pickles the buffer's statistic *functions* (rebuilt via
+        # builtins.getattr, which a safe loader must never allow); they are
+        # class-level and re-registered on load, so leave them out.
+        HistoryBuffer.__getstate__ = _history_buffer_state
     torch.serialization.add_safe_globals(safe)
+
+
+def _history_buffer_state(self) -> dict:
+    state = dict(self.__dict__)
+    state.pop('statistics_methods', None)
+    return state
 
 
 def safe_load(path: str, map_location='cpu'):
@@ -55,8 +66,9 @@ def safe_load(path: str, map_location='cpu'):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f'checkpoint not found: {path!r}. Download or train it first, or '
-            'point the config variable (e.g. `pretrained = ...`) at it')
+            f'checkpoint not found: {path!r}. Train or download it first and '
+            'point the config variable `pretrained = ...` at it, or train '
+            'from scratch with --cfg-options model.backbone.init_cfg=None')
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -40,6 +40,7 @@ check_env() {
   # Everything the project needs, including mmcv's compiled ops.
   "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
 import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, timm, pycocotools
+import pkg_resources  # mmengine needs it to resolve `mmdet::` config bases
 from mmcv.ops import nms, RoIAlign  # compiled extension
 import mmsetformer
 PY
@@ -124,8 +125,10 @@ else
 fi
 
 say "OpenMMLab libraries and timm: $DOWNSTREAM_PINS"
-# setuptools back to what torch asks for, now that mmcv is built.
-pip_ install -q $DOWNSTREAM_PINS $TEST_PINS "setuptools>=77"
+# setuptools back to what torch asks for, now that mmcv is built, but
+# below 80: mmengine imports pkg_resources at run time (config `mmdet::`
+# inheritance), which setuptools 80 removed.
+pip_ install -q $DOWNSTREAM_PINS $TEST_PINS "setuptools>=77.0.3,<80"
 say "mmsetformer (editable)"
 pip_ install -q --no-build-isolation --no-deps -e "$ROOT"
 

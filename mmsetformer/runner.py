@@ -1,0 +1,128 @@
+"""Config preparation behind ``tools/train.py`` and ``tools/test.py``: one
+pair of tools for mmdet, mmseg and mmpretrain configs alike."""
+import os.path as osp
+from datetime import timedelta
+
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
+from mmengine.model import MMDistributedDataParallel
+from mmengine.registry import MODEL_WRAPPERS
+
+__all__ = ['prepare_train_cfg', 'prepare_test_cfg']
+
+
+def _common(cfg: Config, args) -> Config:
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    # work_dir: CLI > config > ./work_dirs/<config name>
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.launcher != 'none' and not torch.cuda.is_available():
+        _init_cpu_distributed(cfg, args.launcher)
+    return cfg
+
+
+def _init_cpu_distributed(cfg: Config, launcher: str) -> None:
+    """Distributed runs on CPU-only hosts.
+
+    NCCL needs GPUs, so the backend becomes gloo; and mmengine's launcher
+    calls ``torch.cuda.set_device``, which fails without a GPU, so the
+    process group is initialised here (mmengine then skips its own init).
+    """
+    import torch.distributed as dist
+    env = cfg.setdefault('env_cfg', ConfigDict())
+    dist_cfg = env.setdefault('dist_cfg', ConfigDict())
+    if dist_cfg.get('backend', 'nccl') == 'nccl':
+        dist_cfg['backend'] = 'gloo'
+        print_log('no CUDA device: distributed backend set to gloo',
+                  logger='current')
+    if launcher != 'pytorch':
+        raise RuntimeError(f'--launcher {launcher} needs GPUs here; on CPUs '
+                           'launch with torchrun (tools/dist_train.sh)')
+    # mmengine hands DDP the local rank as a GPU id; CPU modules need none.
+    wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+    if wrapper.get('type', 'MMDistributedDataParallel') == \
+            'MMDistributedDataParallel':
+        wrapper['type'] = 'CPUDistributedDataParallel'
+    cfg.model_wrapper_cfg = wrapper
+    if not dist.is_initialized():
+        timeout = dist_cfg.get('timeout', 1800)
+        dist.init_process_group(backend=dist_cfg['backend'],
+                                timeout=timedelta(seconds=timeout))
+
+
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """mmengine's DDP wrapper for CPU processes (no device ids)."""
+
+    def __init__(self, module, device_ids=None, **kwargs):
+        super().__init__(module=module, device_ids=None, **kwargs)
+
+
+def prepare_train_cfg(cfg: Config, args) -> Config:
+    cfg = _common(cfg, args)
+    if args.amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise RuntimeError('--auto-scale-lr needs auto_scale_lr.'
+                               'base_batch_size in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise FileNotFoundError(f'--resume: no checkpoint {args.resume}')
+        cfg.resume = True
+        cfg.load_from = args.resume
+    if args.no_validate:
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    return cfg
+
+
+def _enable_visualization(cfg: Config, scope: str, out_dir: str) -> None:
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise KeyError('--show-dir needs default_hooks.visualization')
+    if scope == 'mmdet':
+        hook.update(draw=True, test_out_dir=out_dir)
+    elif scope == 'mmseg':
+        hook.update(draw=True)
+        cfg.visualizer['save_dir'] = out_dir
+    else:  # mmpretrain
+        hook.update(enable=True, out_dir=out_dir)
+
+
+def prepare_test_cfg(cfg: Config, args) -> Config:
+    cfg = _common(cfg, args)
+    scope = cfg.get('default_scope', 'mmdet')
+    cfg.load_from = args.checkpoint
+    # the trained weights replace the backbone's pretrained init
+    backbone = cfg.model.get('backbone')
+    if backbone is not None:
+        backbone.pop('init_cfg', None)
+    if args.tta:
+        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+            raise KeyError(f'{args.config} defines no tta_model / '
+                           'tta_pipeline for --tta')
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if args.out:
+        dump = dict(type='DumpDetResults' if scope == 'mmdet' else
+                    'DumpResults', out_file_path=args.out)
+        evaluators = cfg.test_evaluator
+        cfg.test_evaluator = (list(evaluators) if isinstance(
+            evaluators, (list, tuple)) else [evaluators]) + [dump]
+    if args.show_dir:
+        _enable_visualization(cfg, scope, args.show_dir)
+    return cfg

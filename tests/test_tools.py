@@ -1,0 +1,123 @@
+"""End to end through the real CLI tools, the real Runner and the real
+metrics, on tiny data written to disk in the real formats."""
+import glob
+import json
+import math
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shrink import ROOT, cls_config, det_config, seg_config
+
+PY = sys.executable
+
+
+def run(args, cwd, timeout=600, env=None):
+    env = dict(os.environ, **(env or {}))
+    env.setdefault('OMP_NUM_THREADS', '2')
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f'{" ".join(map(str, args))} failed ({proc.returncode}):\n'
+            f'{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope='session')
+def shapes(tmp_path_factory):
+    from mmsetformer.data.shapes import generate
+    root = str(tmp_path_factory.mktemp('shapes'))
+    generate(root, num_train=8, num_val=4, size=(128, 160),
+             num_cls_per_class=(6, 2), cls_size=56, seed=0,
+             log=lambda *_: None)
+    return root
+
+
+def _write(path, text):
+    with open(path, 'w') as f:
+        f.write(text)
+    return str(path)
+
+
+def _train_test(tmp_path, cfg_text, ckpt_name, test_args=()):
+    cfg = _write(tmp_path / 'cfg.py', cfg_text)
+    work = str(tmp_path / 'work')
+    log = run([PY, 'tools/train.py', cfg, '--work-dir', work], cwd=ROOT)
+    ckpt = osp.join(work, ckpt_name)
+    assert osp.isfile(ckpt), log[-2000:]
+    metrics_file = str(tmp_path / 'metrics.json')
+    run([PY, 'tools/test.py', cfg, ckpt, '--work-dir', work,
+         '--metrics-json', metrics_file, *test_args], cwd=ROOT)
+    with open(metrics_file) as f:
+        return json.load(f), log, cfg, work
+
+
+def _finite(metrics, keys):
+    for k in keys:
+        assert k in metrics, (k, metrics)
+        assert math.isfinite(metrics[k]) and 0 <= metrics[k] <= 100, k
+
+
+def test_mask_rcnn_train_then_coco_eval(shapes, tmp_path):
+    metrics, log, _, _ = _train_test(tmp_path, det_config(shapes, 1),
+                                     'epoch_1.pth')
+    _finite(metrics, ['coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP',
+                      'coco/segm_mAP_50'])
+    assert 'loss_mask' in log and 'loss_rpn_cls' in log
+
+
+def test_upernet_train_then_miou_single_and_multi_scale(shapes, tmp_path):
+    metrics, _, cfg, work = _train_test(tmp_path, seg_config(shapes, 4, 4),
+                                        'iter_4.pth')
+    _finite(metrics, ['mIoU', 'aAcc', 'mAcc'])
+    tta_file = str(tmp_path / 'tta.json')
+    log = run([PY, 'tools/test.py', cfg, osp.join(work, 'iter_4.pth'),
+               '--work-dir', work, '--tta', '--metrics-json', tta_file],
+              cwd=ROOT)
+    with open(tta_file) as f:
+        _finite(json.load(f), ['mIoU', 'aAcc'])
+    assert 'SegTTAModel' in log or 'TestTimeAug' in log
+
+
+def test_classifier_train_then_top_k(shapes, tmp_path):
+    metrics, _, _, _ = _train_test(tmp_path, cls_config(shapes, 1),
+                                   'epoch_1.pth')
+    _finite(metrics, ['accuracy/top1', 'accuracy/top3'])
+
+
+def _iters_logged(log):
+    return [int(m) for m in re.findall(r'Iter\(train\) \[\s*(\d+)/', log)]
+
+
+def test_resume_continues_at_the_right_iteration(shapes, tmp_path):
+    cfg = _write(tmp_path / 'cfg.py', seg_config(shapes, 4, 2))
+    work = str(tmp_path / 'work')
+    log = run([PY, 'tools/train.py', cfg, '--work-dir', work], cwd=ROOT)
+    assert _iters_logged(log) == [1, 2, 3, 4]
+    work2 = str(tmp_path / 'resumed')
+    log2 = run([PY, 'tools/train.py', cfg, '--work-dir', work2, '--resume',
+                osp.join(work, 'iter_2.pth')], cwd=ROOT)
+    assert 'resumed epoch: 0, iter: 2' in log2
+    assert _iters_logged(log2) == [3, 4]
+    ckpt = torch.load(osp.join(work2, 'iter_4.pth'), map_location='cpu')
+    assert ckpt['meta']['iter'] == 4
+    # the optimizer state was restored, not re-initialised
+    assert ckpt['optimizer']['state']
+
+
+def test_dist_train_two_cpu_processes(shapes, tmp_path):
+    cfg = _write(tmp_path / 'cfg.py', det_config(shapes, 1))
+    work = str(tmp_path / 'work')
+    log = run(['bash', 'tools/dist_train.sh', cfg, '2', '--work-dir', work],
+              cwd=ROOT, env=dict(PORT='29517', OMP_NUM_THREADS='1'))
+    assert 'backend set to gloo' in log
+    assert osp.isfile(osp.join(work, 'epoch_1.pth'))
+    # 8 images, 2 processes x 2 per batch: 2 iterations per epoch
+    assert re.search(r'Epoch\(train\)\s+\[1\]\[2/2\]', log), log[-3000:]
+    assert glob.glob(osp.join(work, '*', '*.log'))
