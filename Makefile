@@ -10,10 +10,10 @@ test: install
 	$(PY) -m pytest tests
 
 demo: install
-	bash tools/demo.sh det
+	$(PY) tools/demo.py det
 
 demo-seg: install
-	bash tools/demo.sh seg
+	$(PY) tools/demo.py seg
 
 lint: install
 	$(PY) -m flake8 mmsetformer tools tests configs

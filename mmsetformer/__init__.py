@@ -3,6 +3,7 @@
 ``import mmsetformer`` registers ``SeTformer`` in the MODELS registry of each
 installed OpenMMLab library and the ``setformer_{m,t,s,b}`` timm models.
 """
+from . import engine  # noqa: F401  (CPU-capable mmengine wrappers)
 from .checkpoint import register_safe_globals
 from .models import SeTAttention, SeTformer
 from .ops import set_attention, transport_plan

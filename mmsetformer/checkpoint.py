@@ -53,6 +53,15 @@ def register_safe_globals() -> None:
         # class-level and re-registered on load, so leave them out.
         HistoryBuffer.__getstate__ = _history_buffer_state
     torch.serialization.add_safe_globals(safe)
+    try:
+        from mmengine.runner.checkpoint import CheckpointLoader
+    except ImportError:
+        return
+    # every local load of mmengine (load_from, resume, Pretrained init)
+    # goes through the same safe loader and its clear errors
+    CheckpointLoader.register_scheme(
+        prefixes='', loader=lambda f, map_location: safe_load(
+            os.path.expanduser(f), map_location), force=True)
 
 
 def _history_buffer_state(self) -> dict:

@@ -6,8 +6,9 @@ from datetime import timedelta
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
-from mmengine.model import MMDistributedDataParallel
-from mmengine.registry import MODEL_WRAPPERS
+
+from . import engine  # noqa: F401  (registers the CPU wrappers)
+from .data.checks import check_cfg_data
 
 __all__ = ['prepare_train_cfg', 'prepare_test_cfg']
 
@@ -58,12 +59,25 @@ def _init_cpu_distributed(cfg: Config, launcher: str) -> None:
                                 timeout=timedelta(seconds=timeout))
 
 
-@MODEL_WRAPPERS.register_module()
-class CPUDistributedDataParallel(MMDistributedDataParallel):
-    """mmengine's DDP wrapper for CPU processes (no device ids)."""
+_EXACT_LOOPS = {
+    'EpochBasedTrainLoop': 'ExactResumeEpochBasedTrainLoop',
+    'IterBasedTrainLoop': 'ExactResumeIterBasedTrainLoop',
+}
 
-    def __init__(self, module, device_ids=None, **kwargs):
-        super().__init__(module=module, device_ids=None, **kwargs)
+
+def _exact_resume(cfg: Config) -> None:
+    """Checkpoints carry the RNG state and resumed runs skip what they
+    already trained on, so a killed run continues exactly where it was."""
+    loop = cfg.get('train_cfg') or {}
+    kind = loop.get('type', 'EpochBasedTrainLoop' if loop.get(
+        'by_epoch', 'max_epochs' in loop) else 'IterBasedTrainLoop')
+    if kind in _EXACT_LOOPS:
+        loop.pop('by_epoch', None)
+        loop['type'] = _EXACT_LOOPS[kind]
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(h.get('type') == 'RandomStateHook' for h in hooks):
+        hooks.append(dict(type='RandomStateHook'))
+    cfg.custom_hooks = hooks
 
 
 def prepare_train_cfg(cfg: Config, args) -> Config:
@@ -71,6 +85,12 @@ def prepare_train_cfg(cfg: Config, args) -> Config:
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and \
+            not torch.cuda.is_available():
+        # mmengine's AMP wrapper needs a GPU; bf16 autocast on the CPU
+        cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
+        print_log('no CUDA device: AMP runs as bfloat16 autocast on the CPU '
+                  '(CPUAmpOptimWrapper)', logger='current')
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise RuntimeError('--auto-scale-lr needs auto_scale_lr.'
@@ -84,8 +104,11 @@ def prepare_train_cfg(cfg: Config, args) -> Config:
             raise FileNotFoundError(f'--resume: no checkpoint {args.resume}')
         cfg.resume = True
         cfg.load_from = args.resume
+    _exact_resume(cfg)
     if args.no_validate:
         cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    if not args.skip_data_check:
+        check_cfg_data(cfg, ('train', 'val'))
     return cfg
 
 
@@ -96,10 +119,10 @@ def _enable_visualization(cfg: Config, scope: str, out_dir: str) -> None:
     if scope == 'mmdet':
         hook.update(draw=True, test_out_dir=out_dir)
     elif scope == 'mmseg':
-        hook.update(draw=True)
+        hook.update(draw=True, interval=1)  # every image, not every 50th
         cfg.visualizer['save_dir'] = out_dir
     else:  # mmpretrain
-        hook.update(enable=True, out_dir=out_dir)
+        hook.update(enable=True, out_dir=out_dir, interval=1)
 
 
 def prepare_test_cfg(cfg: Config, args) -> Config:
@@ -125,4 +148,6 @@ def prepare_test_cfg(cfg: Config, args) -> Config:
             evaluators, (list, tuple)) else [evaluators]) + [dump]
     if args.show_dir:
         _enable_visualization(cfg, scope, args.show_dir)
+    if not args.skip_data_check:
+        check_cfg_data(cfg, ('test', ))
     return cfg

@@ -6,7 +6,8 @@ tests only.
 import torch
 
 
-def dense_set(q, v, refs, eps, num_iters, pos=None, sigma=None, delta=1e-6):
+def dense_set(q, v, refs, eps, num_iters, pos=None, sigma=None, delta=1e-6,
+              floor=30.0):
     """Returns (y, P, A) for q, v (B, h, n, d) and refs (h, m, d)."""
     qn = q / (q.norm(dim=-1, keepdim=True) + delta)
     rn = refs / (refs.norm(dim=-1, keepdim=True) + delta)
@@ -16,7 +17,7 @@ def dense_set(q, v, refs, eps, num_iters, pos=None, sigma=None, delta=1e-6):
         dist2 = ((tok[:, None, :] - ref[None, :, :])**2).sum(-1)
         log_k = log_k - dist2 / sigma**2
     log_k = log_k - log_k.max(-1, keepdim=True).values
-    K = log_k.exp()
+    K = log_k.clamp(min=-floor).exp()  # SPEC: entries >= exp(-30) * row max
     n, m = K.shape[-2:]
     b = torch.ones(K.shape[:-2] + (m, ), dtype=K.dtype)
     for _ in range(num_iters):

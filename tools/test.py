@@ -33,6 +33,8 @@ def parse_args():
                         help='also write the final metrics to this file')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value')
+    parser.add_argument('--skip-data-check', action='store_true',
+                        help='do not check the dataset files before start')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm',
                                                'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)

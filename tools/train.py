@@ -38,6 +38,8 @@ def parse_args():
         '--cfg-options', nargs='+', action=DictAction,
         help='override config settings, key=value (e.g. '
         'train_dataloader.batch_size=4 model.backbone.init_cfg=None)')
+    parser.add_argument('--skip-data-check', action='store_true',
+                        help='do not check the dataset files before start')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm',
                                                'mpi'], default='none')
     # torch.distributed.launch passes --local-rank (torchrun sets the env)

@@ -7,6 +7,7 @@ from copy import deepcopy
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import nn
@@ -42,10 +43,31 @@ def _conv_norm(norm_cfg: dict, channels: int) -> nn.Module:
     return _CONV_NORMS[kind](channels, **cfg)
 
 
+class _Conv2d(nn.Conv2d):
+    """Conv2d that sidesteps a PyTorch CPU bug: in bfloat16, a strided conv
+    whose output is one column wide (input width <= stride) returns wrong
+    outputs (for taller maps) and garbage weight gradients (1e30 or NaN),
+    as measured with torch 2.14's oneDNN kernels. Such maps run in fp32;
+    everything else is untouched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] <= self.stride[1] and x.device.type == 'cpu' and (
+                x.dtype == torch.bfloat16 or
+                (torch.is_autocast_enabled('cpu')
+                 and torch.get_autocast_dtype('cpu') == torch.bfloat16)):
+            with torch.autocast('cpu', enabled=False):
+                bias = None if self.bias is None else self.bias.float()
+                y = F.conv2d(x.float(), self.weight.float(), bias,
+                             self.stride, self.padding, self.dilation,
+                             self.groups)
+            return y.to(self.weight.dtype)
+        return super().forward(x)
+
+
 def _conv_down(in_ch: int, out_ch: int, norm_cfg: dict) -> nn.Sequential:
     """conv3x3 stride 2 + norm: H x W -> ceil(H/2) x ceil(W/2)."""
     return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
+        _Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
         _conv_norm(norm_cfg, out_ch))
 
 
@@ -198,6 +220,7 @@ class SeTformer(BaseModule):
         self.arch_settings = arch = self._parse_arch(arch)
         dims, depths = arch['embed_dims'], arch['depths']
         self.embed_dims = list(dims)
+        self.in_channels = in_channels
         self.out_indices = self._parse_out_indices(out_indices)
         if isinstance(frozen_stages, bool) or not isinstance(
                 frozen_stages, int) or not -1 <= frozen_stages <= 4:
@@ -210,7 +233,7 @@ class SeTformer(BaseModule):
         self.num_refs = num_refs
 
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, dims[0] // 2, 3, stride=2, padding=1),
+            _Conv2d(in_channels, dims[0] // 2, 3, stride=2, padding=1),
             _conv_norm(norm_cfg, dims[0] // 2), nn.GELU(),
             *_conv_down(dims[0] // 2, dims[0], norm_cfg))
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -286,10 +309,12 @@ class SeTformer(BaseModule):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Conv2d):
+            # Biases keep PyTorch's (non-constant) init: with zero biases a
+            # constant region (zero padding) reaches the channel LayerNorms
+            # with zero variance, whose backward then scales by 1/sqrt(eps)
+            # per norm and blows up the stem's bias gradients.
             nn.init.kaiming_normal_(m.weight, mode='fan_out',
                                     nonlinearity='relu')
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.LayerNorm, _BatchNorm)):
             if m.weight is not None:
                 nn.init.ones_(m.weight)
@@ -338,6 +363,9 @@ class SeTformer(BaseModule):
                 'SeTformer expects a 4-D float image batch (B, C, H, W), got '
                 + (f'{x.dim()}-D {x.dtype}' if torch.is_tensor(x)
                    else type(x).__name__))
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'SeTformer expects {self.in_channels} input '
+                             f'channels, got {x.shape[1]}')
         if min(x.shape[-2:]) < 1:
             raise ValueError(f'empty image of size {tuple(x.shape[-2:])}')
         x = self.stem(x)

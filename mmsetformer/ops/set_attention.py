@@ -22,6 +22,11 @@ __all__ = [
 
 # Guards the norms of the cosine (so zero vectors are safe).
 NORM_DELTA = 1e-6
+# Kernel floor, relative to each row's max: exp(-30) ~ 1e-13. Below it an
+# entry is numerically irrelevant, but a column made only of such entries
+# needs a scaling b ~ 1/K that overflows fp32 in the backward pass (its
+# gradient carries b^2); the floor keeps b, and the gradients, finite.
+LOG_KERNEL_FLOOR = 30.0
 
 Pos = Tuple[Tensor, Tensor]
 
@@ -80,7 +85,8 @@ def gibbs_kernel(q: Tensor,
                  eps: float,
                  pos: Optional[Pos] = None,
                  sigma: Optional[float] = None) -> Tensor:
-    """Row-max stabilised Gibbs kernel ``K``: (B, h, n, m), >= fp32, in [0, 1].
+    """Row-max stabilised Gibbs kernel ``K``: (B, h, n, m), >= fp32, with
+    entries in [exp(-LOG_KERNEL_FLOOR), 1].
 
     The LPE penalty ``||p_i - pbar_j||^2 / sigma^2`` expands into an inner
     product of (k + 2)-dim position features, so it joins the cosine in one
@@ -105,12 +111,20 @@ def gibbs_kernel(q: Tensor,
     # P, and everything computed from it, is invariant to a per-row shift of
     # log K (the row scaling absorbs it), so the max needs no gradient.
     logits = logits - logits.amax(-1, keepdim=True).detach()
+    logits = logits.clamp_min(-LOG_KERNEL_FLOOR)
     return logits.exp_() if not logits.requires_grad else logits.exp()
 
 
 def _safe_div(num, den: Tensor) -> Tensor:
-    # A reference whose column underflowed to 0 must not create inf * 0.
-    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
+    """num / den, and 0 where den underflowed (< smallest normal float).
+
+    A reference whose kernel column underflowed receives no mass whatever
+    its scaling, so 0 is as good as the undefined 1/0 and keeps the other
+    scalings' range intact. The inner ``where`` keeps inf out of the
+    backward pass too (grad of 1/den at den=0)."""
+    ok = den > torch.finfo(den.dtype).tiny
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)),
+                       torch.zeros_like(den))
 
 
 def sinkhorn_scalings(K: Tensor, num_iters: int) -> Tuple[Tensor, Tensor]:
@@ -133,7 +147,8 @@ def sinkhorn_scalings(K: Tensor, num_iters: int) -> Tuple[Tensor, Tensor]:
 def _max_normalised(x: Tensor) -> Tensor:
     # The aggregation is invariant to a global scale of a (or b); bounding the
     # scaling by 1 keeps ``a * v`` finite whatever Sinkhorn did.
-    return x / x.amax(-2, keepdim=True).detach()
+    top = x.amax(-2, keepdim=True).detach()
+    return x / top.clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def transport_plan(q: Tensor,

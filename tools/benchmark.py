@@ -1,0 +1,502 @@
+"""Speed and memory of SeT / SeTformer against softmax attention and Swin,
+measured in one process, one run, candidates interleaved; medians and
+ratios from the same run.
+
+    python tools/benchmark.py                   # everything (< 10 min, 2 CPU cores)
+    python tools/benchmark.py --quick           # small sizes, 1 repeat (smoke test)
+    python tools/benchmark.py --only operator sinkhorn
+    python tools/benchmark.py --device cuda     # the same on a GPU
+
+Parts: ``operator`` (SeT vs global softmax SDPA vs Swin-style 7x7 window
+attention over n tokens, forward and forward+backward), ``backbone``
+(SeTformer-M/T/S vs Swin-T/S at 224^2 x 8 and 800x1344 x 1, inference and
+one training step), ``model`` (Mask R-CNN and UperNet, SeTformer-T vs
+Swin-T, inference FPS at the configs' test sizes) and ``sinkhorn`` (T = 0-10
+against the column-marginal error and time). Writes ``benchmark.md``,
+``benchmark.json`` and ``benchmark_scaling.png`` to ``--out``.
+Peak memory on the CPU is traced per tensor with torch's MemTracker (its
+overhead is kept out of the timed runs); on CUDA it is the allocator peak.
+"""
+import argparse
+import gc
+import json
+import os
+import os.path as osp
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import mmsetformer  # noqa: E402,F401
+from mmsetformer.ops import grid_positions, reference_grid  # noqa: E402
+from mmsetformer.ops import set_attention, transport_plan  # noqa: E402
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+# -- measurement --------------------------------------------------------------
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(fn: Callable, device, external=()) -> int:
+    """Peak bytes of live tensors while ``fn`` runs (excluding tensors that
+    existed before, unless passed in ``external``)."""
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    if external:
+        tracker.track_external(*external)
+    with tracker:
+        fn()
+    peak = tracker.get_tracker_snapshot('peak')
+    return int(sum(s['Total'] for s in peak.values()))
+
+
+class Interleaved:
+    """Times several candidates round-robin (so machine noise hits all of
+    them alike) and keeps the median of each."""
+
+    def __init__(self, device, repeats: int, warmup: int = 1):
+        self.device, self.repeats, self.warmup = device, repeats, warmup
+
+    def run(self, candidates: Dict[str, Callable]) -> Dict[str, float]:
+        for fn in candidates.values():
+            for _ in range(self.warmup):
+                fn()
+        times = {k: [] for k in candidates}
+        for _ in range(self.repeats):
+            for k, fn in candidates.items():
+                _sync(self.device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(self.device)
+                times[k].append(time.perf_counter() - t0)
+        return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- part 1: operator scaling ---------------------------------------------------
+def window_attention(q, k, v, hw, window=7):
+    """Swin-style attention inside non-overlapping 7x7 windows (padded)."""
+    B, h, n, d = q.shape
+    H, W = hw
+    ph, pw = -H % window, -W % window
+
+    def part(x):
+        x = x.transpose(2, 3).reshape(B, h * d, H, W)
+        x = F.pad(x, (0, pw, 0, ph))
+        Hp, Wp = H + ph, W + pw
+        x = x.view(B, h, d, Hp // window, window, Wp // window, window)
+        return x.permute(0, 3, 5, 1, 4, 6, 2).reshape(-1, h, window**2, d)
+
+    out = F.scaled_dot_product_attention(part(q), part(k), part(v))
+    Hp, Wp = H + ph, W + pw
+    out = out.view(B, Hp // window, Wp // window, h, window, window, d)
+    out = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(B, h, Hp, Wp, d)
+    return out[:, :, :H, :W].reshape(B, h, n, d)
+
+
+def bench_operator(args, device, report):
+    sides = [16, 32, 56] if args.quick else [56, 112, 224]
+    m, heads, d = (64, 2, 32) if args.quick else (750, 2, 32)
+    eps, sigma, T = 0.3, 0.8, 3
+    rows = []
+    grid = reference_grid(m)
+    ref_pos = grid_positions(*grid, device=device)
+    for side in sides:
+        n = side * side
+        hw = (side, side)
+        g = torch.Generator(device='cpu').manual_seed(0)
+        q, k, v = (torch.randn(1, heads, n, d, generator=g).to(device)
+                   for _ in range(3))
+        refs = torch.randn(heads, m, d, generator=g).to(device)
+        pos = (grid_positions(*hw, device=device), ref_pos)
+        fns = {
+            'SeT': lambda: set_attention(q, v, refs, eps=eps, num_iters=T,
+                                         pos=pos, sigma=sigma),
+            'softmax (SDPA)': lambda: F.scaled_dot_product_attention(q, k, v),
+            'window 7x7': lambda: window_attention(q, k, v, hw),
+        }
+        big_sdpa = n > 20000 and device.type == 'cpu'
+        for mode in ('forward', 'forward+backward'):
+            def wrap(fn, train=mode != 'forward'):
+                def call():
+                    if not train:
+                        with torch.no_grad():
+                            return fn()
+                    for t in (q, k, v, refs):
+                        t.requires_grad_(True)
+                        t.grad = None
+                    fn().square().mean().backward()
+                    for t in (q, k, v, refs):
+                        t.requires_grad_(False)
+                return call
+            cands = {name: wrap(fn) for name, fn in fns.items()}
+            reps = 1 if big_sdpa or args.quick else args.repeats
+            times = Interleaved(device, reps, warmup=0 if big_sdpa else 1
+                                ).run(cands)
+            for name, fn in cands.items():
+                mem = peak_memory(fn, device, (q, k, v, refs))
+                rows.append(dict(n=n, op=name, mode=mode, time=times[name],
+                                 peak_mem=mem))
+                print(f'  operator n={n:6d} {mode:17s} {name:15s} '
+                      f'{times[name] * 1e3:9.1f} ms {mem / 2**20:9.1f} MiB',
+                      flush=True)
+    report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
+                              sigma=sigma, num_iters=T, rows=rows)
+
+
+# -- part 2: backbones ------------------------------------------------------------
+def _swin(depths, heads_, embed=96):
+    from mmdet.models.backbones import SwinTransformer
+    return SwinTransformer(embed_dims=embed, depths=depths,
+                           num_heads=heads_, window_size=7,
+                           drop_path_rate=0.)
+
+
+def _setformer(arch, m):
+    from mmsetformer.models import SeTformer
+    return SeTformer(arch, num_refs=m, drop_path_rate=0.)
+
+
+def backbones(quick):
+    if quick:
+        return {'SeTformer-M': lambda m: _setformer('m', m),
+                'Swin-T': lambda m: _swin((2, 2, 6, 2), (3, 6, 12, 24))}
+    return {
+        'SeTformer-M': lambda m: _setformer('m', m),
+        'SeTformer-T': lambda m: _setformer('t', m),
+        'SeTformer-S': lambda m: _setformer('s', m),
+        'Swin-T': lambda m: _swin((2, 2, 6, 2), (3, 6, 12, 24)),
+        'Swin-S': lambda m: _swin((2, 2, 18, 2), (3, 6, 12, 24)),
+    }
+
+
+def bench_backbone(args, device, report):
+    from mmsetformer.analysis import complexity
+    settings = [('224x224, batch 8', (8, 224, 224), 500),
+                ('800x1344, batch 1', (1, 800, 1344), 750)]
+    if args.quick:
+        settings = [('64x64, batch 2', (2, 64, 64), 64),
+                    ('128x192, batch 1', (1, 128, 192), 64)]
+    rows = []
+    for label, (b, h, w), m in settings:
+        models = {k: f(m).to(device) for k, f in backbones(args.quick).items()}
+        x = torch.randn(b, 3, h, w, device=device)
+        cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
+
+        def infer(mod):
+            def call():
+                mod.eval()
+                with torch.no_grad():
+                    mod(x)
+            return call
+
+        def train(mod):
+            opt = torch.optim.AdamW(mod.parameters(), lr=1e-4)
+
+            def call():
+                mod.train()
+                opt.zero_grad(set_to_none=True)
+                sum(o.float().mean() for o in mod(x)).backward()
+                opt.step()
+            return call
+
+        reps = 1 if args.quick or h > 512 else args.repeats
+        for mode, make in (('inference', infer), ('train step', train)):
+            cands = {k: make(mod) for k, mod in models.items()}
+            times = Interleaved(device, reps).run(cands)
+            for k, fn in cands.items():
+                mem = peak_memory(fn, device, (x, ) + tuple(
+                    models[k].parameters()))
+                rows.append(dict(setting=label, model=k, mode=mode,
+                                 time=times[k], peak_mem=mem,
+                                 params=cplx[k]['params'],
+                                 flops=cplx[k]['flops'],
+                                 num_refs=m if 'SeT' in k else None))
+                print(f'  backbone {label:18s} {mode:10s} {k:12s} '
+                      f'{times[k]:7.3f} s {mem / 2**20:8.0f} MiB '
+                      f'{cplx[k]["flops"] / 1e9:7.1f} GFLOPs', flush=True)
+        del models
+        gc.collect()
+    report['backbone'] = rows
+
+
+# -- part 3: whole models ---------------------------------------------------------
+MODELS = {
+    'Mask R-CNN': ('mmdet', 'mask_rcnn_setformer_t_3x.py',
+                   'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py',
+                   (800, 1344)),
+    'UperNet': ('mmseg', 'upernet_setformer_t_160k.py',
+                'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_'
+                '8xb2-160k_ade20k-512x512.py', (512, 683)),
+}
+
+
+def _build_from(base: str):
+    from mmengine.config import Config
+    from mmsetformer.apis import build_model
+    if base.startswith(('mmdet::', 'mmseg::')):
+        path = osp.join(ROOT, 'results', '.bench_cfg.py')
+        os.makedirs(osp.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            f.write(f'_base_ = [{base!r}]\n')
+        cfg = Config.fromfile(path)
+    else:
+        cfg = Config.fromfile(osp.join(ROOT, 'configs', base))
+    cfg.model.backbone.pop('init_cfg', None)
+    cfg.model.pop('pretrained', None)
+    if 'SyncBN' in str(cfg.model):
+        from mmengine.model import revert_sync_batchnorm
+        return revert_sync_batchnorm(build_model(cfg))
+    return build_model(cfg)
+
+
+def _samples(scope, shape, batch):
+    h, w = shape
+    meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                batch_input_shape=(h, w), scale_factor=(1., 1.))
+    if scope == 'mmdet':
+        from mmdet.structures import DetDataSample
+        return [DetDataSample(metainfo=meta) for _ in range(batch)]
+    from mmseg.structures import SegDataSample
+    return [SegDataSample(metainfo=dict(meta, padding_size=[0, 0, 0, 0]))
+            for _ in range(batch)]
+
+
+def bench_model(args, device, report):
+    rows = []
+    for name, (scope, ours, swin, shape) in MODELS.items():
+        if args.quick:
+            shape = (256, 320)
+        built = {'SeTformer-T': _build_from(ours).to(device).eval(),
+                 'Swin-T': _build_from(swin).to(device).eval()}
+        x = torch.randn(1, 3, *shape, device=device)
+        samples = _samples(scope, shape, 1)
+
+        def predict(mod):
+            def call():
+                with torch.no_grad():
+                    mod(x, samples, mode='predict')
+            return call
+
+        times = Interleaved(device, 1 if args.quick else max(
+            2, args.repeats // 2)).run(
+                {k: predict(mod) for k, mod in built.items()})
+        for k, t in times.items():
+            params = sum(p.numel() for p in built[k].parameters())
+            rows.append(dict(model=name, backbone=k, shape=list(shape),
+                             time=t, fps=1 / t, params=params))
+            print(f'  model {name:10s} {k:12s} {shape} {1 / t:6.2f} img/s',
+                  flush=True)
+        del built
+        gc.collect()
+    report['model'] = rows
+
+
+# -- part 4: Sinkhorn iterations ----------------------------------------------------
+def bench_sinkhorn(args, device, report):
+    side, m, d, heads = (24, 64, 16, 2) if args.quick else (56, 750, 32, 2)
+    n = side * side
+    g = torch.Generator().manual_seed(0)
+    # clustered queries, like real features (random ones give a trivially
+    # flat kernel): 40 directions, each token near one of them
+    centres = F.normalize(torch.randn(heads, 40, d, generator=g), dim=-1)
+    which = torch.randint(0, 40, (heads, n), generator=g)
+    q = centres.gather(1, which[..., None].expand(-1, -1, d))
+    q = (q + 0.3 * torch.randn(heads, n, d, generator=g))[None].to(device)
+    v = torch.randn(1, heads, n, d, generator=g).to(device)
+    refs = torch.randn(heads, m, d, generator=g).to(device)
+    pos = (grid_positions(side, side, device=device),
+           grid_positions(*reference_grid(m), device=device))
+    kw = dict(eps=0.3, pos=pos, sigma=0.8)
+    y_ref = set_attention(q, v, refs, num_iters=100, **kw)
+    iters = range(0, 11)
+    cands = {}
+    for T in iters:
+        cands[T] = (lambda T=T: set_attention(q, v, refs, num_iters=T, **kw))
+    with torch.no_grad():
+        times = Interleaved(device, 1 if args.quick else args.repeats).run(
+            cands)
+    rows = []
+    for T in iters:
+        P = transport_plan(q, refs, num_iters=T, **kw)
+        col = (P.sum(-2) * m - 1).abs().mean().item()  # relative to 1/m
+        y = set_attention(q, v, refs, num_iters=T, **kw)
+        dev = ((y - y_ref).norm() / y_ref.norm()).item()
+        rows.append(dict(T=T, col_err=col, out_dev=dev, time=times[T]))
+        print(f'  sinkhorn T={T:2d} column error {col:8.4f} output vs T=100 '
+              f'{dev:8.4f} {times[T] * 1e3:8.1f} ms', flush=True)
+    report['sinkhorn'] = dict(n=n, m=m, head_dim=d, heads=heads, rows=rows)
+
+
+# -- report -------------------------------------------------------------------------
+def _mib(b):
+    return f'{b / 2**20:,.1f}'
+
+
+def to_markdown(report) -> str:
+    out = [f'Machine: {report["machine"]}; {report["date"]}; '
+           f'{"quick mode; " if report["quick"] else ""}'
+           f'medians of interleaved runs.', '']
+    if 'operator' in report:
+        op = report['operator']
+        out += [f'**Operator** (1 image, {op["heads"]} heads of '
+                f'{op["head_dim"]}; SeT with m = {op["m"]}, ε = {op["eps"]}, '
+                f'σ = {op["sigma"]}, T = {op["num_iters"]}):', '',
+                '| n | mode | SeT ms | softmax ms | window ms | SeT MiB | '
+                'softmax MiB | window MiB | softmax / SeT time |',
+                '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+        by = {}
+        for r in op['rows']:
+            by.setdefault((r['n'], r['mode']), {})[r['op']] = r
+        for (n, mode), d in by.items():
+            s, a, w = d['SeT'], d['softmax (SDPA)'], d['window 7x7']
+            out.append(
+                f'| {n} | {mode} | {s["time"] * 1e3:,.1f} | '
+                f'{a["time"] * 1e3:,.1f} | {w["time"] * 1e3:,.1f} | '
+                f'{_mib(s["peak_mem"])} | {_mib(a["peak_mem"])} | '
+                f'{_mib(w["peak_mem"])} | {a["time"] / s["time"]:.1f}× |')
+        ns = sorted({n for n, _ in by})
+        if len(ns) >= 2:
+            out += ['', 'SeT scaling from the smallest to the largest n '
+                    f'(×{ns[-1] / ns[0]:.0f} tokens; linear = 1.00):', '',
+                    '| mode | time ratio / linear | memory ratio / linear |',
+                    '| --- | --- | --- |']
+            for mode in ('forward', 'forward+backward'):
+                a, b = by[(ns[0], mode)]['SeT'], by[(ns[-1], mode)]['SeT']
+                f = ns[-1] / ns[0]
+                out.append(f'| {mode} | {b["time"] / a["time"] / f:.2f} | '
+                           f'{b["peak_mem"] / a["peak_mem"] / f:.2f} |')
+        out.append('')
+    if 'backbone' in report:
+        out += ['**Backbones** (SeTformer at the paper\'s m for the task: '
+                '500 at 224², 750 at 800×1344):', '',
+                '| setting | mode | model | time s | vs Swin-T | peak MiB | '
+                'vs Swin-T | params M | GFLOPs |',
+                '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+        ref = {(r['setting'], r['mode']): r for r in report['backbone']
+               if r['model'] == 'Swin-T'}
+        for r in report['backbone']:
+            s = ref[(r['setting'], r['mode'])]
+            out.append(
+                f'| {r["setting"]} | {r["mode"]} | {r["model"]} | '
+                f'{r["time"]:.3f} | {r["time"] / s["time"]:.2f} | '
+                f'{_mib(r["peak_mem"])} | {r["peak_mem"] / s["peak_mem"]:.2f}'
+                f' | {r["params"] / 1e6:.1f} | {r["flops"] / 1e9:.1f} |')
+        out.append('')
+    if 'model' in report:
+        out += ['**Whole models**, inference (batch 1, predict mode with '
+                'post-processing):', '',
+                '| model | input | backbone | img/s | time ratio vs Swin-T | '
+                'params M |', '| --- | --- | --- | --- | --- | --- |']
+        ref = {r['model']: r for r in report['model']
+               if r['backbone'] == 'Swin-T'}
+        for r in report['model']:
+            out.append(f'| {r["model"]} | {r["shape"][0]}×{r["shape"][1]} | '
+                       f'{r["backbone"]} | {r["fps"]:.2f} | '
+                       f'{r["time"] / ref[r["model"]]["time"]:.2f} | '
+                       f'{r["params"] / 1e6:.1f} |')
+        out.append('')
+    if 'sinkhorn' in report:
+        sk = report['sinkhorn']
+        out += [f'**Sinkhorn iterations** (n = {sk["n"]}, m = {sk["m"]}, '
+                'clustered queries; column error = mean |m·colsum − 1|; '
+                'output deviation from T = 100):', '',
+                '| T | column error | output deviation | forward ms |',
+                '| --- | --- | --- | --- |']
+        for r in sk['rows']:
+            out.append(f'| {r["T"]} | {r["col_err"]:.4f} | '
+                       f'{r["out_dev"]:.4f} | {r["time"] * 1e3:.1f} |')
+        out.append('')
+    return '\n'.join(out)
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    op = report['operator']
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, key, label in ((axes[0], 'time', 'time (s)'),
+                           (axes[1], 'peak_mem', 'peak memory (bytes)')):
+        for name in ('SeT', 'softmax (SDPA)', 'window 7x7'):
+            for mode, ls in (('forward', '-'), ('forward+backward', '--')):
+                pts = [(r['n'], r[key]) for r in op['rows']
+                       if r['op'] == name and r['mode'] == mode]
+                ax.plot(*zip(*pts), ls, marker='o', label=f'{name}, {mode}')
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('tokens n')
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which='both')
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f'SeT (m = {op["m"]}) vs softmax vs 7×7 windows — '
+                 f'{report["machine"]}', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f'{cpu}, {torch.get_num_threads()} threads, torch '
+            f'{torch.__version__}')
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--only', nargs='+',
+                   choices=['operator', 'backbone', 'model', 'sinkhorn'])
+    p.add_argument('--quick', action='store_true')
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--out', default=osp.join(ROOT, 'results'))
+    args = p.parse_args()
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    report = dict(machine=machine() if device.type == 'cpu' else
+                  torch.cuda.get_device_name(device),
+                  date=time.strftime('%Y-%m-%d'), quick=args.quick)
+    t0 = time.time()
+    parts = args.only or ['operator', 'backbone', 'model', 'sinkhorn']
+    for part in parts:
+        print(f'== {part}', flush=True)
+        globals()[f'bench_{part}'](args, device, report)
+    report['seconds'] = time.time() - t0
+    with open(osp.join(args.out, 'benchmark.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    md = to_markdown(report)
+    with open(osp.join(args.out, 'benchmark.md'), 'w') as f:
+        f.write(md + f'\nTotal benchmark time: {report["seconds"]:.0f} s.\n')
+    if 'operator' in report:
+        plot(report, osp.join(args.out, 'benchmark_scaling.png'))
+    print('\n' + md)
+    print(f'wrote {args.out}/benchmark.md, benchmark.json'
+          f'{", benchmark_scaling.png" if "operator" in report else ""} in '
+          f'{report["seconds"]:.0f} s')
+
+
+if __name__ == '__main__':
+    main()
