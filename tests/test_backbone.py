@@ -233,3 +233,19 @@ def test_references_resampled_on_their_grid():
     out = resample_refs(refs, (6, 8)).view(6, 8, 3)
     ratio = out[..., 0] / out[..., 2]
     assert (ratio[1:] >= ratio[:-1] - 1e-6).all()
+
+
+def test_flops_count_the_set_operator():
+    from mmsetformer.analysis import complexity
+    x = torch.randn(1, 3, 64, 64)
+    counts = {}
+    for T in (1, 5):
+        model = SeTformer(**SMALL_KW, num_iters=T)
+        counts[T] = complexity(model, (x, ))
+    # tokens per stage at stride 4..32 of 64 x 64, times heads and depth
+    bhnm = sum(n * h * dep * 12 for n, h, dep in zip(
+        [256, 64, 16, 4], SMALL['num_heads'], SMALL['depths']))
+    # every extra Sinkhorn iteration is two matrix-vector products with K
+    assert counts[5]['flops'] - counts[1]['flops'] == 8 * bhnm
+    assert counts[5]['flops_all'] > counts[5]['flops']
+    assert counts[1]['params'] == counts[5]['params']

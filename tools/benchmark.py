@@ -187,14 +187,18 @@ def backbones(quick):
 
 def bench_backbone(args, device, report):
     from mmsetformer.analysis import complexity
-    settings = [('224x224, batch 8', (8, 224, 224), 500),
-                ('800x1344, batch 1', (1, 800, 1344), 750)]
+    # (label, input, m, models): every variant at 224^2; the targets'
+    # pair (T vs Swin-T) at detection size, to stay within the time budget
+    settings = [('224x224, batch 8', (8, 224, 224), 500, None),
+                ('800x1344, batch 1', (1, 800, 1344), 750,
+                 ('SeTformer-T', 'Swin-T'))]
     if args.quick:
-        settings = [('64x64, batch 2', (2, 64, 64), 64),
-                    ('128x192, batch 1', (1, 128, 192), 64)]
+        settings = [('64x64, batch 2', (2, 64, 64), 64, None),
+                    ('128x192, batch 1', (1, 128, 192), 64, None)]
     rows = []
-    for label, (b, h, w), m in settings:
-        models = {k: f(m).to(device) for k, f in backbones(args.quick).items()}
+    for label, (b, h, w), m, only in settings:
+        models = {k: f(m).to(device) for k, f in backbones(args.quick).items()
+                  if only is None or k in only}
         x = torch.randn(b, 3, h, w, device=device)
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
 
@@ -340,7 +344,56 @@ def bench_sinkhorn(args, device, report):
         rows.append(dict(T=T, col_err=col, out_dev=dev, time=times[T]))
         print(f'  sinkhorn T={T:2d} column error {col:8.4f} output vs T=100 '
               f'{dev:8.4f} {times[T] * 1e3:8.1f} ms', flush=True)
-    report['sinkhorn'] = dict(n=n, m=m, head_dim=d, heads=heads, rows=rows)
+    report['sinkhorn'] = dict(n=n, m=m, head_dim=d, heads=heads, rows=rows,
+                              trained=_trained_plan_errors(args, device))
+
+
+def _trained_plan_errors(args, device):
+    """Column error / output deviation per T on the features of a trained
+    model (the demo's, if it was run): real features converge slower than
+    any synthetic stand-in."""
+    if not args.plan_checkpoint or not osp.isfile(args.plan_checkpoint):
+        return None
+    import glob
+    import cv2
+    from mmsetformer.apis import init_model
+    from mmsetformer.visualization import find_backbone, image_tensor
+    model = init_model(args.plan_config, args.plan_checkpoint, device=device)
+    backbone = find_backbone(model)
+    data_root = model.cfg.get('data_root', 'data/shapes/')
+    paths = sorted(glob.glob(osp.join(ROOT, data_root, 'images',
+                                      'validation', '*.jpg')))[:4]
+    if not paths:
+        return None
+    x = torch.cat([image_tensor(cv2.imread(p),
+                                model.cfg.model.data_preprocessor)
+                   for p in paths]).to(device)
+    captured = []
+    hooks = [blk.attn.register_forward_pre_hook(
+        lambda mod, a: captured.append((mod, a[0], tuple(a[1]))))
+        for st in backbone.stages for blk in st.blocks]
+    with torch.no_grad():
+        backbone(x)
+        for h in hooks:
+            h.remove()
+        per_t = {T: [] for T in (0, 1, 2, 3, 5, 10)}
+        for attn, tokens, hw in captured:
+            q, v = attn._split(tokens, hw)
+            kw = dict(eps=attn.eps, pos=attn._pos(hw), sigma=attn.sigma)
+            ref = set_attention(q, v, attn.refs, num_iters=100, **kw)
+            for T in per_t:
+                P = transport_plan(q, attn.refs, num_iters=T, **kw)
+                col = (P.sum(-2) * attn.num_refs - 1).abs().mean().item()
+                y = set_attention(q, v, attn.refs, num_iters=T, **kw)
+                per_t[T].append((col, ((y - ref).norm() / ref.norm()).item()))
+    rows = [dict(T=T, col_err=max(c for c, _ in vals),
+                 out_dev=max(d for _, d in vals)) for T, vals in per_t.items()]
+    for r in rows:
+        print(f'  sinkhorn (trained demo model, worst layer) T={r["T"]:2d} '
+              f'column error {r["col_err"]:.4f} output vs T=100 '
+              f'{r["out_dev"]:.4f}', flush=True)
+    return dict(config=osp.basename(args.plan_config), layers=len(captured),
+                rows=rows)
 
 
 # -- report -------------------------------------------------------------------------
@@ -422,6 +475,17 @@ def to_markdown(report) -> str:
             out.append(f'| {r["T"]} | {r["col_err"]:.4f} | '
                        f'{r["out_dev"]:.4f} | {r["time"] * 1e3:.1f} |')
         out.append('')
+        tr = sk.get('trained')
+        if tr:
+            out += [f'The same on the features of a trained model '
+                    f'({tr["config"]}, {tr["layers"]} SeT layers, 4 '
+                    'validation images; worst layer):', '',
+                    '| T | column error | output deviation |',
+                    '| --- | --- | --- |']
+            for r in tr['rows']:
+                out.append(f'| {r["T"]} | {r["col_err"]:.4f} | '
+                           f'{r["out_dev"]:.4f} |')
+            out.append('')
     return '\n'.join(out)
 
 
@@ -473,6 +537,12 @@ def main():
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--device', default='cpu')
     p.add_argument('--out', default=osp.join(ROOT, 'results'))
+    p.add_argument('--plan-config', default=osp.join(
+        ROOT, 'configs', 'mask_rcnn_setformer_nano_shapes_demo.py'))
+    p.add_argument('--plan-checkpoint', default=osp.join(
+        ROOT, 'demo_out', 'det', 'work_dir', 'epoch_24.pth'),
+        help='trained model whose features the Sinkhorn part also uses '
+        '(skipped when missing; `make demo` writes the default)')
     args = p.parse_args()
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)

@@ -9,8 +9,14 @@ values are aggregated into the m reference cells (``z = D_c^-1 P^T v``) and
 redistributed to the tokens (``y = D_r^-1 P z``).  ``A = D_r^-1 P D_c^-1 P^T``
 is never built: the only n x m tensor is ``K``, built once and reused by every
 Sinkhorn iteration, so time is O(n m (d + T)) and memory O(n m) per head.
+
+``set_attention`` runs as one autograd function: its forward builds ``K`` in
+place and its backward collects every gradient that reaches ``K`` (one
+rank-1 term per Sinkhorn matrix-vector product, one rank-(d+1) term per
+aggregation) into a single matrix product, so neither pass allocates more
+than one extra n x m tensor.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +33,10 @@ NORM_DELTA = 1e-6
 # needs a scaling b ~ 1/K that overflows fp32 in the backward pass (its
 # gradient carries b^2); the floor keeps b, and the gradients, finite.
 LOG_KERNEL_FLOOR = 30.0
+# On the CPU, a loop of matrix-vector products beats one batched matmul with
+# a single column for large kernels (BLAS gemv vs a gemm path); for many
+# small ones the loop's per-call overhead wins.
+_MV_LOOP_MIN_SIZE = 1 << 18
 
 Pos = Tuple[Tensor, Tensor]
 
@@ -80,17 +90,15 @@ def _check(q: Tensor, refs: Tensor, eps: float, num_iters: int,
                 f'{tuple(ref.shape)}')
 
 
-def gibbs_kernel(q: Tensor,
-                 refs: Tensor,
-                 eps: float,
-                 pos: Optional[Pos] = None,
-                 sigma: Optional[float] = None) -> Tensor:
-    """Row-max stabilised Gibbs kernel ``K``: (B, h, n, m), >= fp32, with
-    entries in [exp(-LOG_KERNEL_FLOOR), 1].
+# -- the kernel -----------------------------------------------------------------
+def _features(q: Tensor, refs: Tensor, eps: float, pos: Optional[Pos],
+              sigma: Optional[float]) -> Tuple[Tensor, Tensor]:
+    """Features with ``log K = qf rf^T`` (+ const): (B,h,n,d') (1,h,m,d').
 
     The LPE penalty ``||p_i - pbar_j||^2 / sigma^2`` expands into an inner
-    product of (k + 2)-dim position features, so it joins the cosine in one
-    matmul instead of adding an extra n x m pass.
+    product of (k + 2)-dim position features, ``-||t - r||^2 = [-|t|^2, 2t,
+    1] . [1, r, -|r|^2]``, so it joins the cosine in one matmul instead of an
+    extra n x m pass.
     """
     dtype = _compute_dtype(q)
     qf = _unit(q.to(dtype)) / eps
@@ -98,21 +106,58 @@ def gibbs_kernel(q: Tensor,
     if pos is not None:
         tok, ref = (p.to(device=q.device, dtype=dtype) for p in pos)
         s2 = float(sigma)**2
-        one_t = tok.new_ones(tok.shape[0], 1)
-        one_r = ref.new_ones(ref.shape[0], 1)
-        # -||t - r||^2 = [-|t|^2, 2t, 1] . [1, r, -|r|^2]
-        tok_f = torch.cat([-(tok * tok).sum(-1, keepdim=True), 2 * tok, one_t],
-                          -1) / s2
-        ref_f = torch.cat([one_r, ref, -(ref * ref).sum(-1, keepdim=True)], -1)
+        tok_f = torch.cat([-(tok * tok).sum(-1, keepdim=True), 2 * tok,
+                           tok.new_ones(tok.shape[0], 1)], -1) / s2
+        ref_f = torch.cat([ref.new_ones(ref.shape[0], 1), ref,
+                           -(ref * ref).sum(-1, keepdim=True)], -1)
         b, h, n, _ = qf.shape
         qf = torch.cat([qf, tok_f.expand(b, h, n, -1)], -1)
         rf = torch.cat([rf, ref_f.expand(1, h, -1, -1)], -1)
+    return qf, rf
+
+
+def _kernel(qf: Tensor, rf: Tensor) -> Tensor:
+    """``exp(max(qf rf^T - rowmax, -floor))``, in place when not recording
+    gradients (one n x m buffer, no temporaries)."""
     logits = torch.matmul(qf, rf.transpose(-1, -2))
     # P, and everything computed from it, is invariant to a per-row shift of
     # log K (the row scaling absorbs it), so the max needs no gradient.
-    logits = logits - logits.amax(-1, keepdim=True).detach()
-    logits = logits.clamp_min(-LOG_KERNEL_FLOOR)
-    return logits.exp_() if not logits.requires_grad else logits.exp()
+    rowmax = logits.amax(-1, keepdim=True).detach()
+    if not logits.requires_grad:
+        return logits.sub_(rowmax).clamp_(min=-LOG_KERNEL_FLOOR).exp_()
+    return (logits - rowmax).clamp(min=-LOG_KERNEL_FLOOR).exp()
+
+
+def gibbs_kernel(q: Tensor,
+                 refs: Tensor,
+                 eps: float,
+                 pos: Optional[Pos] = None,
+                 sigma: Optional[float] = None) -> Tensor:
+    """Row-max stabilised Gibbs kernel ``K``: (B, h, n, m), >= fp32, with
+    entries in [exp(-LOG_KERNEL_FLOOR), 1]."""
+    return _kernel(*_features(q, refs, eps, pos, sigma))
+
+
+# -- products with the kernel ---------------------------------------------------
+def _Kx(K: Tensor, x: Tensor) -> Tensor:
+    """K x: (..., n, m) @ (..., m) -> (..., n)."""
+    if K.device.type == 'cpu' and K.shape[-2] * K.shape[-1] >= \
+            _MV_LOOP_MIN_SIZE:
+        Kf, xf = K.reshape(-1, *K.shape[-2:]), x.reshape(-1, x.shape[-1])
+        return torch.stack([torch.mv(k, v) for k, v in zip(Kf, xf)]).view(
+            K.shape[:-1])
+    return torch.matmul(K, x.unsqueeze(-1)).squeeze(-1)
+
+
+def _xK(x: Tensor, K: Tensor) -> Tensor:
+    """K^T x: (..., n) -> (..., m), as a row vector times K (reads K in its
+    memory order, unlike a product with the transposed view)."""
+    return torch.matmul(x.unsqueeze(-2), K).squeeze(-2)
+
+
+def _XK(X: Tensor, K: Tensor) -> Tensor:
+    """K^T X: (..., n, c) -> (..., m, c), as (X^T K)^T for the same reason."""
+    return torch.matmul(X.transpose(-1, -2), K).transpose(-1, -2)
 
 
 def _safe_div(num, den: Tensor) -> Tensor:
@@ -127,28 +172,127 @@ def _safe_div(num, den: Tensor) -> Tensor:
                        torch.zeros_like(den))
 
 
-def sinkhorn_scalings(K: Tensor, num_iters: int) -> Tuple[Tensor, Tensor]:
-    """Scalings ``a`` (B, h, n, 1) and ``b`` (B, h, m, 1) of ``P = aKb^T``.
+def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
+    """Gradient w.r.t. ``den`` of ``out = num / den`` (0 where guarded)."""
+    ok = den > torch.finfo(den.dtype).tiny
+    return torch.where(ok, -g * out / torch.where(ok, den,
+                                                 torch.ones_like(den)),
+                       torch.zeros_like(den))
+
+
+def sinkhorn_scalings(K: Tensor, num_iters: int,
+                      trace: Optional[List] = None) -> Tuple[Tensor, Tensor]:
+    """Scalings ``a`` (B, h, n) and ``b`` (B, h, m) of ``P = diag(a) K
+    diag(b)``.
 
     Starts from b = 1 and alternates the row (P1 = 1/n) and column
     (P^T 1 = 1/m) scalings ``num_iters`` times, ending with a row scaling, so
-    the rows of P sum to 1/n exactly and its columns approach 1/m.
+    the rows of P sum to 1/n exactly and its columns approach 1/m. With
+    ``trace``, the (b, u = Kb, a, s = K^T a) of every step are appended.
     """
     n, m = K.shape[-2], K.shape[-1]
-    b = K.new_ones(K.shape[:-2] + (m, 1))
-    Kt = K.transpose(-1, -2)
+    b = K.new_ones(K.shape[:-2] + (m, ))
     for _ in range(num_iters):
-        a = _safe_div(1.0 / n, torch.matmul(K, b))
-        b = _safe_div(1.0 / m, torch.matmul(Kt, a))
-    a = _safe_div(1.0 / n, torch.matmul(K, b))
+        u = _Kx(K, b)
+        a = _safe_div(1.0 / n, u)
+        s = _xK(a, K)
+        if trace is not None:
+            trace.append((b, u, a, s))
+        b = _safe_div(1.0 / m, s)
+    u = _Kx(K, b)
+    a = _safe_div(1.0 / n, u)
+    if trace is not None:
+        trace.append((b, u, a, None))
     return a, b
 
 
-def _max_normalised(x: Tensor) -> Tensor:
-    # The aggregation is invariant to a global scale of a (or b); bounding the
-    # scaling by 1 keeps ``a * v`` finite whatever Sinkhorn did.
-    top = x.amax(-2, keepdim=True).detach()
-    return x / top.clamp_min(torch.finfo(x.dtype).tiny)
+class _SeTFunction(torch.autograd.Function):
+    """Kernel + Sinkhorn + aggregation + redistribution with a hand-written
+    backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
+        K = _kernel(qf, rf)  # in place: autograd is off inside forward
+        trace: List = []
+        a, b = sinkhorn_scalings(K, num_iters, trace)
+        a_top = a.amax(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        b_top = b.amax(-1, keepdim=True).clamp_min(torch.finfo(b.dtype).tiny)
+        a_hat, b_hat = a / a_top, b / b_top
+        # z_j = sum_i P_ij v_i / sum_i P_ij: one pass over K for both sums
+        X4 = torch.cat([a_hat.unsqueeze(-1) * v, a_hat.unsqueeze(-1)], -1)
+        Z4 = _XK(X4, K)
+        s4 = Z4[..., -1:]
+        z = Z4[..., :-1] / s4  # s4 >= exp(-30): K's floor times max(a_hat)
+        # y_i = sum_j P_ij z_j / sum_j P_ij
+        X5 = torch.cat([b_hat.unsqueeze(-1) * z, b_hat.unsqueeze(-1)], -1)
+        Y5 = torch.matmul(K, X5)
+        w = Y5[..., -1:]
+        y = Y5[..., :-1] / w  # w >= exp(-30) likewise
+        if any(ctx.needs_input_grad[:3]):
+            flat = [t for step in trace for t in step if t is not None]
+            ctx.save_for_backward(qf, rf, v, K, a_top, b_top, X4, s4, z, X5,
+                                  w, y, *flat)
+            ctx.num_iters = num_iters
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        qf, rf, v, K, a_top, b_top, X4, s4, z, X5, w, y, *flat = \
+            ctx.saved_tensors
+        T = ctx.num_iters
+        n, m = K.shape[-2], K.shape[-1]
+        # factors of dL/dK = U V^T, gathered over every product with K
+        left, right = [], []
+        # y = Y~ / w with [Y~ | w] = K X5
+        gY = gy / w
+        G5 = torch.cat([gY, -(gY * y).sum(-1, keepdim=True)], -1)
+        left.append(G5)
+        right.append(X5)
+        gX5 = _XK(G5, K)
+        gz = X5[..., -1:] * gX5[..., :-1]
+        gb_hat = (z * gX5[..., :-1]).sum(-1) + gX5[..., -1]
+        # z = Z~ / s with [Z~ | s] = K^T X4
+        gZ = gz / s4
+        G4 = torch.cat([gZ, -(gZ * z).sum(-1, keepdim=True)], -1)
+        left.append(X4)
+        right.append(G4)
+        gX4 = torch.matmul(K, G4)
+        a_hat = X4[..., -1]
+        gv = a_hat.unsqueeze(-1) * gX4[..., :-1]
+        ga_hat = (v * gX4[..., :-1]).sum(-1) + gX4[..., -1]
+        # the max-normalisations use detached maxima
+        ga = ga_hat / a_top
+        gb = gb_hat / b_top
+        # Sinkhorn, in reverse: steps (b_t, u_t = K b_t, a_t, s_t = K^T a_t)
+        steps = [flat[4 * t:4 * t + 4] for t in range(T)]
+        b_T, u_T, a_T = flat[4 * T:4 * T + 3]
+        gu = _safe_div_grad(ga, a_T, u_T)
+        left.append(gu.unsqueeze(-1))
+        right.append(b_T.unsqueeze(-1))
+        gb = gb + _xK(gu, K)
+        for t in reversed(range(T)):
+            b_t, u_t, a_t, s_t = steps[t]
+            b_next = flat[4 * (t + 1)]
+            gs = _safe_div_grad(gb, b_next, s_t)
+            left.append(a_t.unsqueeze(-1))
+            right.append(gs.unsqueeze(-1))
+            ga = _Kx(K, gs)
+            gu = _safe_div_grad(ga, a_t, u_t)
+            left.append(gu.unsqueeze(-1))
+            right.append(b_t.unsqueeze(-1))
+            if t > 0:
+                gb = _xK(gu, K)
+        # one n x m product for all of dL/dK, then through exp (dK/dlog = K)
+        # and the floor clamp (no gradient below it)
+        gK = torch.matmul(torch.cat(left, -1), torch.cat(right, -1)
+                          .transpose(-1, -2))
+        floor = torch.tensor(-LOG_KERNEL_FLOOR, dtype=K.dtype).exp()
+        glog = gK.mul_(K).masked_fill_(K <= floor, 0)
+        gqf = torch.matmul(glog, rf) if ctx.needs_input_grad[0] else None
+        grf = None
+        if ctx.needs_input_grad[1]:
+            grf = _XK(qf, glog).sum(0, keepdim=True)
+        return gqf, grf, gv, None
 
 
 def transport_plan(q: Tensor,
@@ -172,7 +316,7 @@ def transport_plan(q: Tensor,
     with torch.autocast(q.device.type, enabled=False):
         K = gibbs_kernel(q, refs, eps, pos, sigma)
         a, b = sinkhorn_scalings(K, num_iters)
-        return a * K * b.transpose(-1, -2)
+        return a.unsqueeze(-1) * K * b.unsqueeze(-2)
 
 
 def set_attention(q: Tensor,
@@ -201,15 +345,6 @@ def set_attention(q: Tensor,
     out_dtype = v.dtype
     # Kernel, Sinkhorn and both aggregations stay in fp32 under autocast.
     with torch.autocast(q.device.type, enabled=False):
-        K = gibbs_kernel(q, refs, eps, pos, sigma)
-        a, b = sinkhorn_scalings(K, num_iters)
-        a, b = _max_normalised(a), _max_normalised(b)
-        vf = v.to(K.dtype)
-        Kt = K.transpose(-1, -2)
-        # z_j = sum_i P_ij v_i / sum_i P_ij: one pass over K for both sums.
-        za = torch.matmul(Kt, torch.cat([a * vf, a], -1))
-        z = _safe_div(za[..., :-1], za[..., -1:])
-        # y_i = sum_j P_ij z_j / sum_j P_ij
-        yb = torch.matmul(K, torch.cat([b * z, b], -1))
-        y = _safe_div(yb[..., :-1], yb[..., -1:])
+        qf, rf = _features(q, refs, eps, pos, sigma)
+        y = _SeTFunction.apply(qf, rf, v.to(qf.dtype), int(num_iters))
     return y.to(out_dtype)
