@@ -1,7 +1,7 @@
 # The two commands of the README, plus the pieces they are made of.
 PY := .venv/bin/python
 
-.PHONY: install test demo demo-seg lint
+.PHONY: install test demo demo-seg lint bench
 
 install:
 	bash tools/install.sh
@@ -17,3 +17,6 @@ demo-seg: install
 
 lint: install
 	$(PY) -m flake8 mmsetformer tools tests configs
+
+bench: install
+	$(PY) tools/benchmark.py

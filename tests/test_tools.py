@@ -121,3 +121,19 @@ def test_dist_train_two_cpu_processes(shapes, tmp_path):
     # 8 images, 2 processes x 2 per batch: 2 iterations per epoch
     assert re.search(r'Epoch\(train\)\s+\[1\]\[2/2\]', log), log[-3000:]
     assert glob.glob(osp.join(work, '*', '*.log'))
+
+
+def test_benchmark_quick_smoke(tmp_path):
+    out = str(tmp_path / 'bench')
+    run([PY, 'tools/benchmark.py', '--quick', '--out', out,
+         '--plan-checkpoint', ''], cwd=ROOT)
+    md = open(osp.join(out, 'benchmark.md')).read()
+    for section in ('**Operator**', '**Backbones**', '**Whole models**',
+                    '**Sinkhorn iterations**'):
+        assert section in md
+    report = json.load(open(osp.join(out, 'benchmark.json')))
+    assert {r['op'] for r in report['operator']['rows']} == {
+        'SeT', 'softmax (SDPA)', 'window 7x7'}
+    assert all(r['time'] > 0 and r['peak_mem'] > 0
+               for r in report['operator']['rows'])
+    assert osp.getsize(osp.join(out, 'benchmark_scaling.png')) > 10000

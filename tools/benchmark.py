@@ -495,15 +495,20 @@ def plot(report, path):
     import matplotlib.pyplot as plt
     op = report['operator']
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    ns = sorted({r['n'] for r in op['rows']})
     for ax, key, label in ((axes[0], 'time', 'time (s)'),
                            (axes[1], 'peak_mem', 'peak memory (bytes)')):
-        for name in ('SeT', 'softmax (SDPA)', 'window 7x7'):
+        for name, color in (('SeT', 'C0'), ('softmax (SDPA)', 'C3'),
+                            ('window 7x7', 'C2')):
             for mode, ls in (('forward', '-'), ('forward+backward', '--')):
                 pts = [(r['n'], r[key]) for r in op['rows']
                        if r['op'] == name and r['mode'] == mode]
-                ax.plot(*zip(*pts), ls, marker='o', label=f'{name}, {mode}')
+                ax.plot(*zip(*pts), ls, color=color, marker='o',
+                        label=f'{name}, {mode}')
         ax.set_xscale('log')
         ax.set_yscale('log')
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
         ax.set_xlabel('tokens n')
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which='both')
