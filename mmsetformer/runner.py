@@ -1,16 +1,40 @@
 """Config preparation behind ``tools/train.py`` and ``tools/test.py``: one
 pair of tools for mmdet, mmseg and mmpretrain configs alike."""
+import os
 import os.path as osp
 from datetime import timedelta
 
 import torch
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 
 from . import engine  # noqa: F401  (registers the CPU wrappers)
 from .data.checks import check_cfg_data
 
-__all__ = ['prepare_train_cfg', 'prepare_test_cfg']
+__all__ = ['add_common_args', 'parse_common', 'prepare_train_cfg',
+           'prepare_test_cfg']
+
+
+def add_common_args(parser) -> None:
+    """The options ``tools/train.py`` and ``tools/test.py`` share."""
+    parser.add_argument('--work-dir', help='where logs, metrics and '
+                        'checkpoints go (default ./work_dirs/<config>)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config settings, key=value (e.g. '
+        'train_dataloader.batch_size=4 model.backbone.init_cfg=None)')
+    parser.add_argument('--skip-data-check', action='store_true',
+                        help='do not check the dataset files before start')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm',
+                                               'mpi'], default='none')
+    # torch.distributed.launch passes --local-rank (torchrun sets the env)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_common(parser):
+    args = parser.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def _common(cfg: Config, args) -> Config:

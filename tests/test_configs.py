@@ -61,18 +61,18 @@ def _no_decay_rules(cfg):
     assert pw.custom_keys['.refs'].decay_mult == 0
 
 
-def _set_params(cfg, m, eps, sigma):
+def _set_params_and_adamw(cfg, m, eps, sigma, lr, wd):
     bb = cfg.model.backbone
     assert (bb.num_refs, bb.eps, bb.sigma) == (m, eps, sigma)
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', lr, wd)
+    _no_decay_rules(cfg)
 
 
 @pytest.mark.parametrize('path', DET, ids=osp.basename)
 def test_coco_3x_recipe(path):
     cfg = Config.fromfile(path)
-    _set_params(cfg, 750, 0.3, 0.8)
-    opt = cfg.optim_wrapper.optimizer
-    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', 1e-4, 0.05)
-    _no_decay_rules(cfg)
+    _set_params_and_adamw(cfg, 750, 0.3, 0.8, 1e-4, 0.05)
     assert cfg.train_dataloader.batch_size * 8 == 16
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
     assert cfg.train_cfg.max_epochs == 36
@@ -104,10 +104,7 @@ def test_coco_3x_recipe(path):
 @pytest.mark.parametrize('path', SEG, ids=osp.basename)
 def test_ade20k_160k_recipe(path):
     cfg = Config.fromfile(path)
-    _set_params(cfg, 800, 0.3, 0.8)
-    opt = cfg.optim_wrapper.optimizer
-    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', 6e-5, 0.01)
-    _no_decay_rules(cfg)
+    _set_params_and_adamw(cfg, 800, 0.3, 0.8, 6e-5, 0.01)
     assert cfg.train_dataloader.batch_size * 8 == 16
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
     assert cfg.crop_size == (512, 512)
@@ -128,10 +125,7 @@ def test_ade20k_160k_recipe(path):
 @pytest.mark.parametrize('path', CLS, ids=osp.basename)
 def test_imagenet_recipe(path):
     cfg = Config.fromfile(path)
-    _set_params(cfg, 500, 0.1, 0.5)
-    opt = cfg.optim_wrapper.optimizer
-    assert (opt.type, opt.lr, opt.weight_decay) == ('AdamW', 1e-3, 0.05)
-    _no_decay_rules(cfg)
+    _set_params_and_adamw(cfg, 500, 0.1, 0.5, 1e-3, 0.05)
     assert cfg.train_dataloader.batch_size * 16 == 1024
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=1024)
     assert cfg.train_cfg.max_epochs == 300

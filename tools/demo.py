@@ -39,7 +39,8 @@ TASKS = {
                'default_hooks.logger.interval=1']),
     'seg': dict(
         config='configs/upernet_setformer_nano_shapes_demo.py',
-        metrics=[('mIoU', 'mIoU'), ('mAcc', 'mAcc'), ('aAcc', 'aAcc')],
+        metrics=[('mIoU', 'mIoU (%)'), ('mAcc', 'mAcc (%)'),
+                 ('aAcc', 'aAcc (%)')],
         quick=['train_cfg.max_iters=4', 'train_cfg.val_interval=4',
                'default_hooks.checkpoint.interval=4',
                'default_hooks.logger.interval=1']),

@@ -72,19 +72,22 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" >/dev/
   # unmodified and pip caches the resulting wheel under its own key.
   WRAP="$(mktemp -d)"
   trap 'rm -rf "$WRAP"' EXIT
-  for cc in c++ g++ gcc cc; do
-    real="$(command -v "$cc" || true)"
-    [[ -n "$real" ]] || continue
-    cat > "$WRAP/$cc" <<W
+  # wrapper NAME REAL: a NAME on PATH that runs REAL with -std=c++20
+  wrapper() {
+    cat > "$WRAP/$1" <<W
 #!/usr/bin/env bash
 args=()
 for a in "\$@"; do
   case "\$a" in -std=c++14|-std=c++17) a=-std=c++20;; esac
   args+=("\$a")
 done
-exec "$real" "\${args[@]}"
+exec "$2" "\${args[@]}"
 W
-    chmod +x "$WRAP/$cc"
+    chmod +x "$WRAP/$1"
+  }
+  for cc in c++ g++ gcc cc; do
+    real="$(command -v "$cc" || true)"
+    [[ -n "$real" ]] && wrapper "$cc" "$real"
   done
   export CC="$WRAP/gcc" CXX="$WRAP/g++"
 
@@ -101,16 +104,7 @@ W
     # nvcc gets the same -std rewrite through torch's PYTORCH_NVCC hook.
     nvcc_real="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
     command -v nvcc >/dev/null 2>&1 && nvcc_real="$(command -v nvcc)"
-    cat > "$WRAP/nvcc" <<W
-#!/usr/bin/env bash
-args=()
-for a in "\$@"; do
-  case "\$a" in -std=c++14|-std=c++17) a=-std=c++20;; esac
-  args+=("\$a")
-done
-exec "$nvcc_real" "\${args[@]}"
-W
-    chmod +x "$WRAP/nvcc"
+    wrapper nvcc "$nvcc_real"
     export PYTORCH_NVCC="$WRAP/nvcc" FORCE_CUDA=1
     say "mmcv ops: CUDA + CPU (FORCE_CUDA=1, nvcc=$nvcc_real)"
   else

@@ -7,23 +7,22 @@
 """
 import argparse
 import json
-import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsetformer.runner import prepare_test_cfg  # noqa: E402
+from mmsetformer.runner import (add_common_args, parse_common,  # noqa
+                                prepare_test_cfg)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description='Test a SeTformer model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='where to save the metrics log')
     parser.add_argument('--out', help='dump the raw predictions (pickle)')
     parser.add_argument('--show-dir', help='draw predictions into this dir')
     parser.add_argument('--tta', action='store_true',
@@ -31,16 +30,8 @@ def parse_args():
                         'tta_pipeline: multi-scale + flip for ADE20K)')
     parser.add_argument('--metrics-json',
                         help='also write the final metrics to this file')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value')
-    parser.add_argument('--skip-data-check', action='store_true',
-                        help='do not check the dataset files before start')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm',
-                                               'mpi'], default='none')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    return args
+    add_common_args(parser)
+    return parse_common(parser)
 
 
 def _jsonable(v):
