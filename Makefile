@@ -17,6 +17,7 @@ demo-seg: install
 
 lint: install
 	$(PY) -m flake8 mmsetformer tools tests configs
+	$(PY) -m isort --check-only mmsetformer tools tests
 
 bench: install
 	$(PY) tools/benchmark.py

@@ -38,8 +38,7 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator):
         pick = torch.multinomial(w.cpu(), 1, generator=gen)[:, 0].to(
             x.device)
         centers[:, j] = x[ar, pick]
-        new = (1 - torch.bmm(x, centers[:, j:j + 1].transpose(1, 2))[...,
-                                                                      0])
+        new = 1 - torch.bmm(x, centers[:, j:j + 1].transpose(1, 2))[..., 0]
         dist = torch.minimum(dist, new.clamp_(min=0))
     return centers
 

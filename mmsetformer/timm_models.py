@@ -8,8 +8,8 @@ four stage maps (strides 4-32).
 from typing import List, Optional, Tuple, Union
 
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models import register_model
+from timm.models import (build_model_with_cfg, generate_default_cfgs,
+                         register_model)
 from timm.models._features import feature_take_indices
 from torch import nn
 

@@ -69,9 +69,8 @@ def plot_plan(img_bgr: np.ndarray, plan: torch.Tensor, hw: Tuple[int, int],
     rgb = img_bgr[..., ::-1]
     # colour each reference by its place on the reference grid
     gy, gx = np.divmod(np.arange(m), ref_grid[1])
-    hue = np.stack([gx / max(ref_grid[1] - 1, 1), gy / max(ref_grid[0] - 1,
-                                                          1),
-                    np.full(m, 0.6)], 1)
+    hue = np.stack([gx / max(ref_grid[1] - 1, 1),
+                    gy / max(ref_grid[0] - 1, 1), np.full(m, 0.6)], 1)
     assign = P.argmax(1).numpy().reshape(hw)
     assign_rgb = hue[assign]
     cols = P / P.sum(0, keepdim=True).clamp_min(1e-30)  # what cell j gathers

@@ -175,9 +175,10 @@ def _classifier_cfg(num_refs):
 
 
 def _mask_rcnn_cfg(ckpt, num_refs):
-    from mmengine.config import Config
     import os
+
     import mmdet
+    from mmengine.config import Config
     base = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs',
                         '_base_', 'models', 'mask-rcnn_r50_fpn.py')
     cfg = Config.fromfile(base).model
@@ -192,6 +193,7 @@ def _mask_rcnn_cfg(ckpt, num_refs):
 @pytest.mark.parametrize('det_refs', [12, 20])
 def test_classifier_checkpoint_loads_into_mask_rcnn(tmp_path, det_refs):
     import logging
+
     from mmengine.logging import MMLogger
     records = []
     handler = logging.Handler()
@@ -225,6 +227,7 @@ def test_classifier_checkpoint_loads_into_mask_rcnn(tmp_path, det_refs):
 
 def test_references_resampled_on_their_grid():
     from mmsetformer.models.set_attention import resample_refs
+
     # references varying smoothly over a 4 x 5 grid stay ordered on 6 x 8
     g = torch.stack(torch.meshgrid(torch.linspace(0, 1, 4),
                                    torch.linspace(0, 1, 5), indexing='ij'),

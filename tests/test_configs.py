@@ -5,9 +5,9 @@ import os.path as osp
 
 import pytest
 from mmengine.config import Config
+from shrink import ROOT
 
 from mmsetformer.apis import build_model
-from shrink import ROOT
 
 CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
 RECIPES = [c for c in CONFIGS if 'demo' not in c]
@@ -133,8 +133,8 @@ def test_imagenet_recipe(path):
     assert (warm.type, warm.end) == ('LinearLR', 20)
     assert (cos.type, cos.begin, cos.end, cos.eta_min) == (
         'CosineAnnealingLR', 20, 290, 1e-5)  # 10 cool-down epochs after
-    assert [a.type for a in cfg.model.train_cfg.augments] == ['Mixup',
-                                                             'CutMix']
+    augments = cfg.model.train_cfg.augments
+    assert [a.type for a in augments] == ['Mixup', 'CutMix']
     assert [a.alpha for a in cfg.model.train_cfg.augments] == [0.8, 1.0]
     assert cfg.model.head.loss.label_smooth_val == 0.1
     types = {t.type: t for t in cfg.train_pipeline}

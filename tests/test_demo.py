@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from shrink import ROOT
 
 from mmsetformer.data.shapes import CLASSES, SEG_CLASSES, generate
-from shrink import ROOT
 
 
 @pytest.fixture(scope='module')

@@ -6,8 +6,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mmsetformer.ops import (gibbs_kernel, grid_positions, set_attention,
-                             sinkhorn_scalings, transport_plan)
+from mmsetformer.ops import grid_positions, set_attention, transport_plan
 
 
 def _inputs(B, h, n, m, d, dtype=torch.float64, seed=0, grad=False):

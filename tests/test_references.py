@@ -1,5 +1,4 @@
 """Data-driven reference initialisation (spherical k-means)."""
-import os.path as osp
 import subprocess
 import sys
 
@@ -7,12 +6,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+from shrink import ROOT, TINY_ARCH, seg_config
 
 from mmsetformer.models import SeTformer
 from mmsetformer.ops import transport_plan
-from mmsetformer.references import Reservoir, init_references, \
-    spherical_kmeans
-from shrink import ROOT, TINY_ARCH, seg_config
+from mmsetformer.references import Reservoir, init_references, spherical_kmeans
 
 
 def _clusters(k=6, d=16, per=300, spread=0.08, heads=2, seed=0):

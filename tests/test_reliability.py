@@ -12,12 +12,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shrink import ROOT, TINY_ARCH, cls_config, det_config
 
 from mmsetformer.checkpoint import UnsafeCheckpointError, safe_load
 from mmsetformer.data.checks import DatasetError, check_coco
 from mmsetformer.models import SeTAttention, SeTformer
 from mmsetformer.ops import grid_positions, set_attention
-from shrink import ROOT, TINY_ARCH, cls_config, det_config
 
 PY = sys.executable
 SMALL = dict(arch=TINY_ARCH, num_refs=16)
@@ -175,9 +175,10 @@ def test_zero_padded_regions_do_not_blow_up_stem_gradients():
 
 def test_amp_training_step_with_mmengine_wrapper_has_no_nan():
     from mmengine.optim import build_optim_wrapper
-    import mmsetformer  # noqa: F401  (registers CPUAmpOptimWrapper)
-    from mmpretrain.registry import MODELS
     from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+
+    import mmsetformer  # noqa: F401  (registers CPUAmpOptimWrapper)
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         model = MODELS.build(dict(
             type='ImageClassifier',
@@ -214,7 +215,7 @@ def test_amp_training_step_with_mmengine_wrapper_has_no_nan():
                    for k, v in model.state_dict().items())
 
 
-# -- checkpoints ---------------------------------------------------------------
+# -- checkpoints --------------------------------------------------------------
 class _Evil:
     """Unpickling this runs a shell command (what an attacker would do)."""
 
@@ -252,7 +253,7 @@ def test_missing_checkpoint_error_names_the_fix(tmp_path):
         safe_load(str(tmp_path / 'nope.pth'))
 
 
-# -- data -----------------------------------------------------------------------
+# -- data ---------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     from mmsetformer.data.shapes import generate
@@ -332,7 +333,7 @@ def test_check_coco_errors(tmp_path):
         check_coco(str(tmp_path / 'empty.json'), str(tmp_path))
 
 
-# -- exact resume after a kill ----------------------------------------------------
+# -- exact resume after a kill ------------------------------------------------
 def _losses(work_dir):
     sys.path.insert(0, osp.join(ROOT, 'tools'))
     from plot_loss import read_losses
@@ -342,6 +343,7 @@ def _losses(work_dir):
 
 def test_killed_run_resumes_with_the_same_loss_sequence(shapes, tmp_path):
     import time
+
     # 18 images / 6 per batch = 3 iterations per epoch; checkpoints every 4
     # iterations land mid-epoch (iter 8 is inside epoch 3)
     cfg = tmp_path / 'cfg.py'
@@ -383,7 +385,7 @@ def test_killed_run_resumes_with_the_same_loss_sequence(shapes, tmp_path):
         assert torch.allclose(v, end_b['state_dict'][k], atol=1e-6), k
 
 
-# -- distributed -------------------------------------------------------------------
+# -- distributed --------------------------------------------------------------
 DETERMINISTIC = '''
 _base_ = ['./base.py']
 # no random augmentation or mixing: the two runs must see identical data

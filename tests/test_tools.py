@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from shrink import ROOT, cls_config, det_config, seg_config
 
 PY = sys.executable

@@ -2,8 +2,8 @@
 measured in one process, one run, candidates interleaved; medians and
 ratios from the same run.
 
-    python tools/benchmark.py                   # everything (< 10 min, 2 CPU cores)
-    python tools/benchmark.py --quick           # small sizes, 1 repeat (smoke test)
+    python tools/benchmark.py             # everything (< 10 min, 2 CPU cores)
+    python tools/benchmark.py --quick     # small sizes, 1 repeat (smoke test)
     python tools/benchmark.py --only operator sinkhorn
     python tools/benchmark.py --device cuda     # the same on a GPU
 
@@ -26,15 +26,15 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmsetformer  # noqa: E402,F401
-from mmsetformer.ops import grid_positions, reference_grid  # noqa: E402
-from mmsetformer.ops import set_attention, transport_plan  # noqa: E402
+from mmsetformer.ops import (grid_positions, reference_grid,  # noqa: E402
+                             set_attention, transport_plan)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -88,7 +88,7 @@ class Interleaved:
         return {k: statistics.median(v) for k, v in times.items()}
 
 
-# -- part 1: operator scaling ---------------------------------------------------
+# -- part 1: operator scaling -------------------------------------------------
 def window_attention(q, k, v, hw, window=7):
     """Swin-style attention inside non-overlapping 7x7 windows (padded)."""
     B, h, n, d = q.shape
@@ -159,7 +159,7 @@ def bench_operator(args, device, report):
                               sigma=sigma, num_iters=T, rows=rows)
 
 
-# -- part 2: backbones ------------------------------------------------------------
+# -- part 2: backbones --------------------------------------------------------
 def _swin(depths, heads_, embed=96):
     from mmdet.models.backbones import SwinTransformer
     return SwinTransformer(embed_dims=embed, depths=depths,
@@ -187,6 +187,7 @@ def backbones(quick):
 
 def bench_backbone(args, device, report):
     from mmsetformer.analysis import complexity
+
     # (label, input, m, models): every variant at 224^2; the targets'
     # pair (T vs Swin-T) at detection size, to stay within the time budget
     settings = [('224x224, batch 8', (8, 224, 224), 500, None),
@@ -239,7 +240,7 @@ def bench_backbone(args, device, report):
     report['backbone'] = rows
 
 
-# -- part 3: whole models ---------------------------------------------------------
+# -- part 3: whole models -----------------------------------------------------
 MODELS = {
     'Mask R-CNN': ('mmdet', 'mask_rcnn_setformer_t_3x.py',
                    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py',
@@ -252,6 +253,7 @@ MODELS = {
 
 def _build_from(base: str):
     from mmengine.config import Config
+
     from mmsetformer.apis import build_model
     if base.startswith(('mmdet::', 'mmseg::')):
         path = osp.join(ROOT, 'results', '.bench_cfg.py')
@@ -311,7 +313,7 @@ def bench_model(args, device, report):
     report['model'] = rows
 
 
-# -- part 4: Sinkhorn iterations ----------------------------------------------------
+# -- part 4: Sinkhorn iterations ----------------------------------------------
 def bench_sinkhorn(args, device, report):
     side, m, d, heads = (24, 64, 16, 2) if args.quick else (56, 750, 32, 2)
     n = side * side
@@ -355,7 +357,9 @@ def _trained_plan_errors(args, device):
     if not args.plan_checkpoint or not osp.isfile(args.plan_checkpoint):
         return None
     import glob
+
     import cv2
+
     from mmsetformer.apis import init_model
     from mmsetformer.visualization import find_backbone, image_tensor
     model = init_model(args.plan_config, args.plan_checkpoint, device=device)
@@ -396,7 +400,7 @@ def _trained_plan_errors(args, device):
                 rows=rows)
 
 
-# -- report -------------------------------------------------------------------------
+# -- report -------------------------------------------------------------------
 def _mib(b):
     return f'{b / 2**20:,.1f}'
 

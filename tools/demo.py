@@ -30,10 +30,10 @@ sys.path.insert(0, ROOT)
 TASKS = {
     'det': dict(
         config='configs/mask_rcnn_setformer_nano_shapes_demo.py',
-        metrics=[('coco/bbox_mAP', 'bbox AP'), ('coco/bbox_mAP_50',
-                                                 'bbox AP50'),
-                 ('coco/segm_mAP', 'segm AP'), ('coco/segm_mAP_50',
-                                                 'segm AP50')],
+        metrics=[('coco/bbox_mAP', 'bbox AP'),
+                 ('coco/bbox_mAP_50', 'bbox AP50'),
+                 ('coco/segm_mAP', 'segm AP'),
+                 ('coco/segm_mAP_50', 'segm AP50')],
         quick=['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
                'default_hooks.checkpoint.interval=1',
                'default_hooks.logger.interval=1']),
@@ -98,8 +98,8 @@ def busiest_image(data: str) -> str:
     count = {}
     for a in coco['annotations']:
         count[a['image_id']] = count.get(a['image_id'], 0) + 1
-    best = max(coco['images'], key=lambda im: (count.get(im['id'], 0),
-                                                 -im['id']))
+    best = max(coco['images'],
+               key=lambda im: (count.get(im['id'], 0), -im['id']))
     return osp.join(data, 'images', best['file_name'])
 
 

@@ -2,7 +2,8 @@
 
     python tools/get_flops.py t                      # backbone, 224 x 224
     python tools/get_flops.py b --num-refs 500 --shape 224
-    python tools/get_flops.py configs/mask_rcnn_setformer_t_3x.py --shape 800 1280
+    python tools/get_flops.py configs/mask_rcnn_setformer_t_3x.py \
+        --shape 800 1280
 
 FLOPs follow mmengine's (fvcore's) convention, one multiply-add = one FLOP,
 with SeT's kernel and Sinkhorn matmuls included; ``FLOPs (all ops)`` also

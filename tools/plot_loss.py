@@ -1,7 +1,7 @@
 """Plot training losses of an mmengine run (its ``vis_data/scalars.json``).
 
     python tools/plot_loss.py work_dirs/demo_det --out loss.png
-    python tools/plot_loss.py work_dirs/x/20261122_000102/vis_data/scalars.json \
+    python tools/plot_loss.py work_dirs/x/20261122_0001/vis_data/scalars.json \
         --keys loss loss_cls loss_mask
 """
 import argparse

@@ -2,7 +2,7 @@
 (COCO box/mask AP, ADE20K mIoU, ImageNet top-1/top-5).
 
     python tools/test.py configs/mask_rcnn_setformer_t_3x.py CKPT
-    python tools/test.py configs/upernet_setformer_t_160k.py CKPT --tta  # MS+flip
+    python tools/test.py configs/upernet_setformer_t_160k.py CKPT --tta  # MS
     tools/dist_test.sh configs/upernet_setformer_t_160k.py CKPT 8
 """
 import argparse

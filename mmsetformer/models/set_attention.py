@@ -98,8 +98,8 @@ class SeTAttention(BaseModule):
         self.qv = nn.Linear(embed_dims, 2 * embed_dims, bias=qv_bias)
         # Unit-norm references: the kernel only sees directions, and unit
         # scale keeps their optimiser steps comparable to data centroids.
-        self.refs = nn.Parameter(
-            F.normalize(torch.randn(num_heads, num_refs, self.head_dims), dim=-1))
+        self.refs = nn.Parameter(F.normalize(
+            torch.randn(num_heads, num_refs, self.head_dims), dim=-1))
         self.register_buffer(
             'ref_pos', grid_positions(*self.ref_grid), persistent=False)
         self.proj = nn.Linear(embed_dims, embed_dims)

@@ -90,7 +90,7 @@ def _check(q: Tensor, refs: Tensor, eps: float, num_iters: int,
                 f'{tuple(ref.shape)}')
 
 
-# -- the kernel -----------------------------------------------------------------
+# -- the kernel ---------------------------------------------------------------
 def _features(q: Tensor, refs: Tensor, eps: float, pos: Optional[Pos],
               sigma: Optional[float]) -> Tuple[Tensor, Tensor]:
     """Features with ``log K = qf rf^T`` (+ const): (B,h,n,d') (1,h,m,d').
@@ -138,7 +138,7 @@ def gibbs_kernel(q: Tensor,
     return _kernel(*_features(q, refs, eps, pos, sigma))
 
 
-# -- products with the kernel ---------------------------------------------------
+# -- products with the kernel -------------------------------------------------
 def _Kx(K: Tensor, x: Tensor) -> Tensor:
     """K x: (..., n, m) @ (..., m) -> (..., n)."""
     if K.device.type == 'cpu' and K.shape[-2] * K.shape[-1] >= \
@@ -175,9 +175,8 @@ def _safe_div(num, den: Tensor) -> Tensor:
 def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
     """Gradient w.r.t. ``den`` of ``out = num / den`` (0 where guarded)."""
     ok = den > torch.finfo(den.dtype).tiny
-    return torch.where(ok, -g * out / torch.where(ok, den,
-                                                 torch.ones_like(den)),
-                       torch.zeros_like(den))
+    safe_den = torch.where(ok, den, torch.ones_like(den))
+    return torch.where(ok, -g * out / safe_den, torch.zeros_like(den))
 
 
 def sinkhorn_scalings(K: Tensor, num_iters: int,
@@ -240,7 +239,6 @@ class _SeTFunction(torch.autograd.Function):
         qf, rf, v, K, a_top, b_top, X4, s4, z, X5, w, y, *flat = \
             ctx.saved_tensors
         T = ctx.num_iters
-        n, m = K.shape[-2], K.shape[-1]
         # factors of dL/dK = U V^T, gathered over every product with K
         left, right = [], []
         # y = Y~ / w with [Y~ | w] = K X5
