@@ -64,7 +64,8 @@ say "torch: $TORCH_PIN"
 pip_ install -q $TORCH_PIN
 # mmcv's setup.py imports pkg_resources (removed in setuptools >= 80).
 say "build tools: setuptools<70, wheel, ninja, $MMENGINE_PIN"
-pip_ install -q "setuptools<70" wheel ninja $MMENGINE_PIN
+# (torch declares setuptools>=77: the temporary downgrade is expected)
+pip_ install -q --no-warn-conflicts "setuptools<70" wheel ninja $MMENGINE_PIN
 
 if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" >/dev/null 2>&1; then
   # mmcv compiles with -std=c++17 but torch 2.14's headers need C++20.  A
