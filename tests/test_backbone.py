@@ -252,3 +252,30 @@ def test_flops_count_the_set_operator():
     assert counts[5]['flops'] - counts[1]['flops'] == 8 * bhnm
     assert counts[5]['flops_all'] > counts[5]['flops']
     assert counts[1]['params'] == counts[5]['params']
+
+
+def test_timm_loads_a_classifier_checkpoint_of_this_project(tmp_path):
+    import timm
+    torch.manual_seed(0)
+    clf = _build('mmpretrain', ConfigDict(
+        type='ImageClassifier',
+        backbone=dict(type='SeTformer', arch='m', num_refs=16,
+                      out_indices=(3, )),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=5, in_channels=448,
+                  loss=dict(type='CrossEntropyLoss'))))
+    path = str(tmp_path / 'setformer_m_clf.pth')
+    torch.save({'state_dict': clf.state_dict(), 'meta': {}}, path)
+    # the overlay describes the file: its head has 5 classes (timm drops a
+    # head whose class count differs from the weights')
+    model = timm.create_model(
+        'setformer_m', pretrained=True, num_classes=5, num_refs=16,
+        pretrained_cfg_overlay=dict(file=path, num_classes=5))
+    mine = model.state_dict()
+    for k, v in clf.state_dict().items():
+        assert torch.equal(mine[k], v), k
+    clf.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = clf(x, mode='tensor')
+        assert torch.allclose(model.eval()(x), ref, atol=1e-5)
