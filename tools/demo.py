@@ -16,6 +16,7 @@ end with a results table.
 """
 import argparse
 import glob
+import hashlib
 import json
 import os
 import os.path as osp
@@ -61,7 +62,6 @@ def run(cmd):
 def make_data(root: str, args: dict) -> None:
     """Generate the dataset unless ``root`` holds one made by the same
     generator code with the same arguments."""
-    import hashlib
     from mmsetformer.data import shapes
     with open(shapes.__file__, 'rb') as f:
         code = hashlib.sha256(f.read()).hexdigest()[:16]
