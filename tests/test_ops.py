@@ -1,4 +1,6 @@
 """Properties of the SeT operator (SPEC §1), each able to fail."""
+import importlib
+
 import pytest
 import torch
 from dense_reference import dense_set
@@ -6,7 +8,12 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from mmsetformer.ops import grid_positions, set_attention, transport_plan
+from mmsetformer.ops import (grid_positions, kernel_workspace, set_attention,
+                             transport_plan)
+
+# the module (the package attribute of the same name is the function)
+set_attention_module = importlib.import_module(
+    'mmsetformer.ops.set_attention')
 
 
 def _inputs(B, h, n, m, d, dtype=torch.float64, seed=0, grad=False):
@@ -169,6 +176,45 @@ def test_gradcheck_float64():
                              sigma=0.7)
 
     assert torch.autograd.gradcheck(fn, (q, v, r), eps=1e-6, atol=1e-6)
+
+
+def test_blocked_kernel_gradient_matches_dense_reference(monkeypatch):
+    # 2 x 3 batches of m = 12 columns: blocks of 7 rows, n = 40 leaves a
+    # partial last block
+    monkeypatch.setattr(set_attention_module, '_GRAD_BLOCK_ELEMS', 6 * 12 * 7)
+    kw = dict(eps=0.3, num_iters=3, pos=_pos2d((5, 8), (3, 4)), sigma=0.6)
+    grads = []
+    for fn in (set_attention, lambda *a, **k: dense_set(*a, **k)[0]):
+        q, v, r = _inputs(2, 3, 40, 12, 8, grad=True)
+        y = fn(q, v, r, **kw)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+         ).sum().backward()
+        grads.append((q.grad, v.grad, r.grad))
+    for g, g_ref in zip(*grads):
+        assert torch.allclose(g, g_ref, atol=1e-8, rtol=1e-6)
+
+
+def test_kernel_workspace_gives_the_same_outputs_and_gradients():
+    q, v, r = _inputs(2, 2, 48, 12, 8, dtype=torch.float32, grad=True)
+    kw = dict(eps=0.3, num_iters=3, pos=_pos2d((6, 8), (3, 4), torch.float32),
+              sigma=0.6)
+    y0 = set_attention(q, v, r, **kw)
+    g0 = torch.autograd.grad(y0.square().sum(), (q, v, r))
+    with kernel_workspace():
+        with torch.no_grad():  # writes the shared buffer
+            y_ng = set_attention(q, v, r, **kw)
+            small = set_attention(q[:, :, :20], v[:, :, :20], r, eps=0.3,
+                                  num_iters=3)
+        y1 = set_attention(q, v, r, **kw)  # keeps its own kernel
+        with torch.no_grad():  # must not overwrite y1's saved kernel
+            set_attention(q.flip(2), v, r, **kw)
+        g1 = torch.autograd.grad(y1.square().sum(), (q, v, r))
+    assert torch.equal(y_ng, y0) and torch.equal(y1, y0)
+    assert torch.allclose(small, set_attention(
+        q[:, :, :20], v[:, :, :20], r, eps=0.3, num_iters=3).detach())
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+    assert set_attention_module._WORKSPACE.buf is None  # freed on exit
 
 
 class _OpRecorder(TorchDispatchMode):

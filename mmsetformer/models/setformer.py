@@ -13,6 +13,7 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..ops import kernel_workspace
 from .set_attention import SeTAttention, check_num_refs
 
 __all__ = ['SeTformer', 'LayerNorm2d']
@@ -370,11 +371,12 @@ class SeTformer(BaseModule):
             raise ValueError(f'empty image of size {tuple(x.shape[-2:])}')
         x = self.stem(x)
         outs = []
-        for i, stage in enumerate(self.stages):
-            tokens, hw_shape = stage(x)
-            x = tokens.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
-            if i in self.out_indices:
-                out = getattr(self, f'norm{i}')(tokens)
-                outs.append(
-                    out.transpose(1, 2).reshape(x.shape).contiguous())
+        with kernel_workspace():
+            for i, stage in enumerate(self.stages):
+                tokens, hw_shape = stage(x)
+                x = tokens.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
+                if i in self.out_indices:
+                    out = getattr(self, f'norm{i}')(tokens)
+                    outs.append(
+                        out.transpose(1, 2).reshape(x.shape).contiguous())
         return tuple(outs)

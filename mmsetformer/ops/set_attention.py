@@ -13,9 +13,12 @@ Sinkhorn iteration, so time is O(n m (d + T)) and memory O(n m) per head.
 ``set_attention`` runs as one autograd function: its forward builds ``K`` in
 place and its backward collects every gradient that reaches ``K`` (one
 rank-1 term per Sinkhorn matrix-vector product, one rank-(d+1) term per
-aggregation) into a single matrix product, so neither pass allocates more
-than one extra n x m tensor.
+aggregation) into one low-rank product, applied a block of rows at a time,
+so the backward allocates no n x m tensor at all.
 """
+import contextlib
+import math
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,7 +26,7 @@ from torch import Tensor
 
 __all__ = [
     'set_attention', 'transport_plan', 'grid_positions', 'reference_grid',
-    'sinkhorn_scalings', 'gibbs_kernel'
+    'sinkhorn_scalings', 'gibbs_kernel', 'kernel_workspace'
 ]
 
 # Guards the norms of the cosine (so zero vectors are safe).
@@ -37,6 +40,11 @@ LOG_KERNEL_FLOOR = 30.0
 # a single column for large kernels (BLAS gemv vs a gemm path); for many
 # small ones the loop's per-call overhead wins.
 _MV_LOOP_MIN_SIZE = 1 << 18
+# Elements of dL/dK computed at a time in the backward pass: 8 MB in fp32 on
+# the CPU (cache-sized); on GPUs, whose caching allocator makes fresh buffers
+# cheap, blocks large enough to keep kernel launches few.
+_GRAD_BLOCK_ELEMS = 1 << 21
+_GRAD_BLOCK_ELEMS_GPU = 1 << 26
 
 Pos = Tuple[Tensor, Tensor]
 
@@ -116,10 +124,51 @@ def _features(q: Tensor, refs: Tensor, eps: float, pos: Optional[Pos],
     return qf, rf
 
 
-def _kernel(qf: Tensor, rf: Tensor) -> Tensor:
+class _Workspace(threading.local):
+    depth = 0
+    buf: Optional[Tensor] = None
+
+
+_WORKSPACE = _Workspace()
+
+
+@contextlib.contextmanager
+def kernel_workspace():
+    """Let the SeT calls inside share one kernel buffer, freed on exit.
+
+    On the CPU a fresh n x m kernel costs more than the matrix product that
+    fills it: its pages are faulted in on first touch (~3x the product's
+    time at n = 67200, m = 750). Inside this context, calls whose kernel is
+    not kept for a backward pass (inference, frozen layers) write it into
+    one buffer sized for the largest. ``SeTformer.forward`` runs in one.
+    """
+    _WORKSPACE.depth += 1
+    try:
+        yield
+    finally:
+        _WORKSPACE.depth -= 1
+        if not _WORKSPACE.depth:
+            _WORKSPACE.buf = None
+
+
+def _workspace(shape, dtype: torch.dtype, device) -> Optional[Tensor]:
+    """A (shape) view of the active workspace, or None outside one."""
+    # tracers (jit, as the FLOP counter uses, and dynamo) record no out=
+    if not _WORKSPACE.depth or torch.jit.is_tracing() \
+            or torch.compiler.is_compiling():
+        return None
+    numel, buf = math.prod(shape), _WORKSPACE.buf
+    if buf is None or buf.numel() < numel or buf.dtype != dtype \
+            or buf.device != device:
+        _WORKSPACE.buf = None  # release the old one before allocating
+        buf = _WORKSPACE.buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def _kernel(qf: Tensor, rf: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """``exp(max(qf rf^T - rowmax, -floor))``, in place when not recording
-    gradients (one n x m buffer, no temporaries)."""
-    logits = torch.matmul(qf, rf.transpose(-1, -2))
+    gradients (one n x m buffer, ``out`` if given, no temporaries)."""
+    logits = torch.matmul(qf, rf.transpose(-1, -2), out=out)
     # P, and everything computed from it, is invariant to a per-row shift of
     # log K (the row scaling absorbs it), so the max needs no gradient.
     rowmax = logits.amax(-1, keepdim=True).detach()
@@ -205,13 +254,48 @@ def sinkhorn_scalings(K: Tensor, num_iters: int,
     return a, b
 
 
+def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
+                 need_qf: bool, need_rf: bool):
+    """Gradients of ``qf`` and ``rf`` from ``dL/dK = U Vt`` (U: (.., n, r),
+    Vt: (.., r, m)): through exp (dK/dlogK = K) and the floor clamp (no
+    gradient below it), then through ``logK = qf rf^T``.
+
+    ``dL/dK`` is built a block of rows at a time in one small reused buffer,
+    never as an n x m tensor: a fresh n x m buffer costs more in page faults
+    than the products, and a cache-sized block serves both products hot.
+    """
+    batch, (n, m) = K.shape[:-2], K.shape[-2:]
+    block = _GRAD_BLOCK_ELEMS if K.device.type == 'cpu' \
+        else _GRAD_BLOCK_ELEMS_GPU
+    rows = max(1, min(n, block // max(1, math.prod(batch) * m)))
+    buf = K.new_empty(math.prod(batch) * rows * m)
+    floor = torch.tensor(-LOG_KERNEL_FLOOR, dtype=K.dtype).exp()
+    gqf, grf = [], 0
+    for i in range(0, n, rows):
+        Kb = K[..., i:i + rows, :]
+        glog = torch.matmul(U[..., i:i + rows, :], Vt,
+                            out=buf[:Kb.numel()].view(Kb.shape))
+        glog.mul_(Kb).masked_fill_(Kb <= floor, 0)
+        if need_qf:
+            gqf.append(torch.matmul(glog, rf))
+        if need_rf:
+            grf = grf + torch.matmul(qf[..., i:i + rows, :].transpose(-1, -2),
+                                     glog)
+    return (torch.cat(gqf, -2) if need_qf else None,
+            grf.transpose(-1, -2).sum(0, keepdim=True) if need_rf else None)
+
+
 class _SeTFunction(torch.autograd.Function):
     """Kernel + Sinkhorn + aggregation + redistribution with a hand-written
     backward (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
-        K = _kernel(qf, rf)  # in place: autograd is off inside forward
+        # in place (autograd is off inside forward); a kernel not saved for
+        # the backward may live in the shared workspace
+        saving = any(ctx.needs_input_grad[:3])
+        K = _kernel(qf, rf, None if saving else _workspace(
+            qf.shape[:-1] + rf.shape[-2:-1], qf.dtype, qf.device))
         trace: List = []
         a, b = sinkhorn_scalings(K, num_iters, trace)
         a_top = a.amax(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
@@ -227,7 +311,7 @@ class _SeTFunction(torch.autograd.Function):
         Y5 = torch.matmul(K, X5)
         w = Y5[..., -1:]
         y = Y5[..., :-1] / w  # w >= exp(-30) likewise
-        if any(ctx.needs_input_grad[:3]):
+        if saving:
             flat = [t for step in trace for t in step if t is not None]
             ctx.save_for_backward(qf, rf, v, K, a_top, b_top, X4, s4, z, X5,
                                   w, y, *flat)
@@ -280,16 +364,10 @@ class _SeTFunction(torch.autograd.Function):
             right.append(b_t.unsqueeze(-1))
             if t > 0:
                 gb = _xK(gu, K)
-        # one n x m product for all of dL/dK, then through exp (dK/dlog = K)
-        # and the floor clamp (no gradient below it)
-        gK = torch.matmul(torch.cat(left, -1), torch.cat(right, -1)
-                          .transpose(-1, -2))
-        floor = torch.tensor(-LOG_KERNEL_FLOOR, dtype=K.dtype).exp()
-        glog = gK.mul_(K).masked_fill_(K <= floor, 0)
-        gqf = torch.matmul(glog, rf) if ctx.needs_input_grad[0] else None
-        grf = None
-        if ctx.needs_input_grad[1]:
-            grf = _XK(qf, glog).sum(0, keepdim=True)
+        gqf, grf = _logit_grads(
+            K, torch.cat(left, -1),
+            torch.cat([r.transpose(-1, -2) for r in right], -2), qf, rf,
+            *ctx.needs_input_grad[:2])
         return gqf, grf, gv, None
 
 
