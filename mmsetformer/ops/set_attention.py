@@ -270,7 +270,7 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
     rows = max(1, min(n, block // max(1, math.prod(batch) * m)))
     buf = K.new_empty(math.prod(batch) * rows * m)
     floor = torch.tensor(-LOG_KERNEL_FLOOR, dtype=K.dtype).exp()
-    gqf, grf = [], 0
+    gqf, grf = [], None
     for i in range(0, n, rows):
         Kb = K[..., i:i + rows, :]
         glog = torch.matmul(U[..., i:i + rows, :], Vt,
@@ -279,8 +279,8 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
         if need_qf:
             gqf.append(torch.matmul(glog, rf))
         if need_rf:
-            grf = grf + torch.matmul(qf[..., i:i + rows, :].transpose(-1, -2),
-                                     glog)
+            g = torch.matmul(qf[..., i:i + rows, :].transpose(-1, -2), glog)
+            grf = g if grf is None else grf.add_(g)
     return (torch.cat(gqf, -2) if need_qf else None,
             grf.transpose(-1, -2).sum(0, keepdim=True) if need_rf else None)
 
