@@ -264,11 +264,11 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
     never as an n x m tensor: a fresh n x m buffer costs more in page faults
     than the products, and a cache-sized block serves both products hot.
     """
-    batch, (n, m) = K.shape[:-2], K.shape[-2:]
+    batch, (n, m) = math.prod(K.shape[:-2]), K.shape[-2:]
     block = _GRAD_BLOCK_ELEMS if K.device.type == 'cpu' \
         else _GRAD_BLOCK_ELEMS_GPU
-    rows = max(1, min(n, block // max(1, math.prod(batch) * m)))
-    buf = K.new_empty(math.prod(batch) * rows * m)
+    rows = max(1, min(n, block // max(1, batch * m)))
+    buf = K.new_empty(batch * rows * m)
     floor = torch.tensor(-LOG_KERNEL_FLOOR, dtype=K.dtype).exp()
     gqf, grf = [], None
     for i in range(0, n, rows):
