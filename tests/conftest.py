@@ -7,6 +7,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
+# Without a GPU, Triton kernels run under Triton's interpreter (read when
+# triton is first imported, so set before any test imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 # Deterministic, and no oversubscription of the 2 CI cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

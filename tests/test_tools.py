@@ -132,7 +132,7 @@ def test_benchmark_quick_smoke(tmp_path):
         assert section in md
     report = json.load(open(osp.join(out, 'benchmark.json')))
     assert {r['op'] for r in report['operator']['rows']} == {
-        'SeT', 'softmax (SDPA)', 'window 7x7'}
+        'SeT', 'SeT (reference)', 'softmax (SDPA)', 'window 7x7'}
     assert all(r['time'] > 0 and r['peak_mem'] > 0
                for r in report['operator']['rows'])
     assert osp.getsize(osp.join(out, 'benchmark_scaling.png')) > 10000

@@ -14,8 +14,11 @@ one training step), ``model`` (Mask R-CNN and UperNet, SeTformer-T vs
 Swin-T, inference FPS at the configs' test sizes) and ``sinkhorn`` (T = 0-10
 against the column-marginal error and time). Writes ``benchmark.md``,
 ``benchmark.json`` and ``benchmark_scaling.png`` to ``--out``.
-Peak memory on the CPU is traced per tensor with torch's MemTracker (its
-overhead is kept out of the timed runs); on CUDA it is the allocator peak.
+``SeT`` is the operator as users get it (the fused kernel for the device);
+``SeT (reference)`` and ``SeTformer-T (reference SeT)`` run the reference
+implementation in the same run, for the speed-up.  Peak memory on the CPU
+is read from the allocator's events through torch's profiler (kept out of
+the timed runs); on CUDA it is the allocator peak.
 """
 import argparse
 import gc
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmsetformer  # noqa: E402,F401
 from mmsetformer.ops import (grid_positions, reference_grid,  # noqa: E402
-                             set_attention, transport_plan)
+                             set_attention, set_backend, transport_plan)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -46,24 +49,33 @@ def _sync(device):
 
 
 def peak_memory(fn: Callable, device, external=()) -> int:
-    """Peak bytes of live tensors while ``fn`` runs (excluding tensors that
-    existed before, unless passed in ``external``)."""
+    """Peak bytes allocated while ``fn`` runs, plus the bytes of the tensors
+    in ``external`` (inputs, parameters) that existed before.
+
+    On the CPU the allocator's events are read through torch's profiler, so
+    buffers allocated inside compiled kernels (the fused SeT's workspace)
+    count like any tensor; on CUDA it is the allocator's peak."""
     gc.collect()
+    held = sum(t.numel() * t.element_size() for t in external)
     if device.type == 'cuda':
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.distributed._tools.mem_tracker import MemTracker
-    tracker = MemTracker()
-    if external:
-        tracker.track_external(*external)
-    with tracker:
+        return torch.cuda.max_memory_allocated(device) - base + held
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
         fn()
-    peak = tracker.get_tracker_snapshot('peak')
-    return int(sum(s['Total'] for s in peak.values()))
+    events = sorted((e.start_ns(), e.nbytes())
+                    for e in p.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() ==
+                    torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak + held
 
 
 class Interleaved:
@@ -124,9 +136,17 @@ def bench_operator(args, device, report):
                    for _ in range(3))
         refs = torch.randn(heads, m, d, generator=g).to(device)
         pos = (grid_positions(*hw, device=device), ref_pos)
+        def set_op():
+            return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
+                                 sigma=sigma)
+
+        def set_ref():
+            with set_backend('reference'):
+                return set_op()
+
         fns = {
-            'SeT': lambda: set_attention(q, v, refs, eps=eps, num_iters=T,
-                                         pos=pos, sigma=sigma),
+            'SeT': set_op,
+            'SeT (reference)': set_ref,
             'softmax (SDPA)': lambda: F.scaled_dot_product_attention(q, k, v),
             'window 7x7': lambda: window_attention(q, k, v, hw),
         }
@@ -172,13 +192,29 @@ def _setformer(arch, m):
     return SeTformer(arch, num_refs=m, drop_path_rate=0.)
 
 
+class _ReferenceSeT(torch.nn.Module):
+    """A backbone whose SeT layers run the reference implementation."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        with set_backend('reference'):
+            return self.backbone(x)
+
+
 def backbones(quick):
     if quick:
         return {'SeTformer-M': lambda m: _setformer('m', m),
+                'SeTformer-M (reference SeT)':
+                lambda m: _ReferenceSeT(_setformer('m', m)),
                 'Swin-T': lambda m: _swin((2, 2, 6, 2), (3, 6, 12, 24))}
     return {
         'SeTformer-M': lambda m: _setformer('m', m),
         'SeTformer-T': lambda m: _setformer('t', m),
+        'SeTformer-T (reference SeT)':
+        lambda m: _ReferenceSeT(_setformer('t', m)),
         'SeTformer-S': lambda m: _setformer('s', m),
         'Swin-T': lambda m: _swin((2, 2, 6, 2), (3, 6, 12, 24)),
         'Swin-S': lambda m: _swin((2, 2, 18, 2), (3, 6, 12, 24)),
@@ -192,7 +228,7 @@ def bench_backbone(args, device, report):
     # pair (T vs Swin-T) at detection size, to stay within the time budget
     settings = [('224x224, batch 8', (8, 224, 224), 500, None),
                 ('800x1344, batch 1', (1, 800, 1344), 750,
-                 ('SeTformer-T', 'Swin-T'))]
+                 ('SeTformer-T', 'SeTformer-T (reference SeT)', 'Swin-T'))]
     if args.quick:
         settings = [('64x64, batch 2', (2, 64, 64), 64, None),
                     ('128x192, batch 1', (1, 128, 192), 64, None)]
@@ -232,7 +268,7 @@ def bench_backbone(args, device, report):
                                  params=cplx[k]['params'],
                                  flops=cplx[k]['flops'],
                                  num_refs=m if 'SeT' in k else None))
-                print(f'  backbone {label:18s} {mode:10s} {k:12s} '
+                print(f'  backbone {label:18s} {mode:10s} {k:27s} '
                       f'{times[k]:7.3f} s {mem / 2**20:8.0f} MiB '
                       f'{cplx[k]["flops"] / 1e9:7.1f} GFLOPs', flush=True)
         del models
@@ -414,19 +450,25 @@ def to_markdown(report) -> str:
         out += [f'**Operator** (1 image, {op["heads"]} heads of '
                 f'{op["head_dim"]}; SeT with m = {op["m"]}, ε = {op["eps"]}, '
                 f'σ = {op["sigma"]}, T = {op["num_iters"]}):', '',
-                '| n | mode | SeT ms | softmax ms | window ms | SeT MiB | '
-                'softmax MiB | window MiB | softmax / SeT time |',
-                '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+                '| n | mode | SeT ms | SeT (reference) ms | softmax ms | '
+                'window ms | SeT MiB | SeT (reference) MiB | softmax MiB | '
+                'window MiB | reference / SeT time | softmax / SeT time |',
+                '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
+                '| --- | --- |']
         by = {}
         for r in op['rows']:
             by.setdefault((r['n'], r['mode']), {})[r['op']] = r
         for (n, mode), d in by.items():
-            s, a, w = d['SeT'], d['softmax (SDPA)'], d['window 7x7']
+            s, f, a, w = (d['SeT'], d['SeT (reference)'],
+                          d['softmax (SDPA)'], d['window 7x7'])
             out.append(
                 f'| {n} | {mode} | {s["time"] * 1e3:,.1f} | '
+                f'{f["time"] * 1e3:,.1f} | '
                 f'{a["time"] * 1e3:,.1f} | {w["time"] * 1e3:,.1f} | '
-                f'{_mib(s["peak_mem"])} | {_mib(a["peak_mem"])} | '
-                f'{_mib(w["peak_mem"])} | {a["time"] / s["time"]:.1f}× |')
+                f'{_mib(s["peak_mem"])} | {_mib(f["peak_mem"])} | '
+                f'{_mib(a["peak_mem"])} | {_mib(w["peak_mem"])} | '
+                f'{f["time"] / s["time"]:.1f}× | '
+                f'{a["time"] / s["time"]:.1f}× |')
         ns = sorted({n for n, _ in by})
         if len(ns) >= 2:
             out += ['', 'SeT scaling from the smallest to the largest n '
@@ -502,8 +544,8 @@ def plot(report, path):
     ns = sorted({r['n'] for r in op['rows']})
     for ax, key, label in ((axes[0], 'time', 'time (s)'),
                            (axes[1], 'peak_mem', 'peak memory (bytes)')):
-        for name, color in (('SeT', 'C0'), ('softmax (SDPA)', 'C3'),
-                            ('window 7x7', 'C2')):
+        for name, color in (('SeT', 'C0'), ('SeT (reference)', 'C7'),
+                            ('softmax (SDPA)', 'C3'), ('window 7x7', 'C2')):
             for mode, ls in (('forward', '-'), ('forward+backward', '--')):
                 pts = [(r['n'], r[key]) for r in op['rows']
                        if r['op'] == name and r['mode'] == mode]

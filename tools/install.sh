@@ -31,7 +31,8 @@ pip_() {
 }
 
 stamp_of() {
-  cat "$ROOT/tools/install.sh" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" 2>/dev/null | sha256sum | cut -c1-16
+  cat "$ROOT/tools/install.sh" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" \
+      "$ROOT/setup.py" "$ROOT"/mmsetformer/ops/csrc/* 2>/dev/null | sha256sum | cut -c1-16
 }
 STAMP_FILE="$VENV/.mmsetformer-stamp"
 want_stamp="$(stamp_of)"
@@ -43,6 +44,8 @@ import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, timm, pycoc
 import pkg_resources  # mmengine needs it to resolve `mmdet::` config bases
 from mmcv.ops import nms, RoIAlign  # compiled extension
 import mmsetformer
+from mmsetformer.ops import fused_cpu  # the compiled SeT CPU kernel
+assert fused_cpu._ext is not None, fused_cpu.why_unavailable()
 PY
 }
 
@@ -124,7 +127,7 @@ say "OpenMMLab libraries and timm: $DOWNSTREAM_PINS"
 # below 80: mmengine imports pkg_resources at run time (config `mmdet::`
 # inheritance), which setuptools 80 removed.
 pip_ install -q $DOWNSTREAM_PINS $TEST_PINS "setuptools>=77.0.3,<80"
-say "mmsetformer (editable)"
+say "mmsetformer (editable, compiles the SeT CPU kernel against this torch, ~1 min)"
 pip_ install -q --no-build-isolation --no-deps -e "$ROOT"
 
 if ! check_env; then

@@ -1,9 +1,13 @@
-"""The SeT operator; depends on torch alone."""
-from .set_attention import (gibbs_kernel, grid_positions, kernel_workspace,
-                            reference_grid, set_attention, sinkhorn_scalings,
+"""The SeT operator; depends on torch alone (Triton, which ships with torch,
+is imported only when its kernels run)."""
+from . import fused_cpu, fused_triton
+from .set_attention import (BACKENDS, get_backend, gibbs_kernel,
+                            grid_positions, kernel_workspace, reference_grid,
+                            set_attention, set_backend, sinkhorn_scalings,
                             transport_plan)
 
 __all__ = [
     'set_attention', 'transport_plan', 'grid_positions', 'reference_grid',
-    'gibbs_kernel', 'sinkhorn_scalings', 'kernel_workspace'
+    'gibbs_kernel', 'sinkhorn_scalings', 'kernel_workspace', 'set_backend',
+    'get_backend', 'BACKENDS', 'fused_cpu', 'fused_triton'
 ]

@@ -10,23 +10,32 @@ redistributed to the tokens (``y = D_r^-1 P z``).  ``A = D_r^-1 P D_c^-1 P^T``
 is never built: the only n x m tensor is ``K``, built once and reused by every
 Sinkhorn iteration, so time is O(n m (d + T)) and memory O(n m) per head.
 
-``set_attention`` runs as one autograd function: its forward builds ``K`` in
-place and its backward collects every gradient that reaches ``K`` (one
-rank-1 term per Sinkhorn matrix-vector product, one rank-(d+1) term per
-aggregation) into one low-rank product, applied a block of rows at a time,
-so the backward allocates no n x m tensor at all.
+``_SeTFunction`` is the reference implementation, one autograd function:
+its forward builds ``K`` in place and its backward collects every gradient
+that reaches ``K`` (one rank-1 term per Sinkhorn matrix-vector product, one
+rank-(d+1) term per aggregation) into one low-rank product, applied a block
+of rows at a time, so the backward allocates no n x m tensor at all.
+
+Fused implementations compute the same function and the same gradients:
+the compiled CPU kernel (``fused_cpu``) and the Triton kernels for CUDA
+(``fused_triton``).  :func:`set_attention` picks one in
+:func:`_implementation`, the only place that chooses;
+:func:`set_backend` (or ``MMSETFORMER_SET_BACKEND``) forces one.
 """
 import contextlib
 import math
+import os
 import threading
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = [
     'set_attention', 'transport_plan', 'grid_positions', 'reference_grid',
-    'sinkhorn_scalings', 'gibbs_kernel', 'kernel_workspace'
+    'sinkhorn_scalings', 'gibbs_kernel', 'kernel_workspace', 'set_backend',
+    'get_backend', 'BACKENDS'
 ]
 
 # Guards the norms of the cosine (so zero vectors are safe).
@@ -371,6 +380,81 @@ class _SeTFunction(torch.autograd.Function):
         return gqf, grf, gv, None
 
 
+# -- choosing the implementation ---------------------------------------------
+# 'auto': the fused kernel for the inputs' device where it can run (fp32 or
+# fp64; the operator computes in >= fp32 anyway), else the reference; the
+# others force one (an error where it cannot run).
+BACKENDS = ('auto', 'reference', 'cpu', 'triton')
+
+
+class _Backend(threading.local):
+    name = os.environ.get('MMSETFORMER_SET_BACKEND', 'auto')
+
+
+_BACKEND = _Backend()
+
+
+def get_backend() -> str:
+    """The SeT implementation in force: one of :data:`BACKENDS`."""
+    return _BACKEND.name
+
+
+@contextlib.contextmanager
+def set_backend(name: str):
+    """Force an implementation of :func:`set_attention` inside the context
+    (``'reference'`` is the readable one every fused kernel is tested
+    against); the default is ``'auto'`` or ``MMSETFORMER_SET_BACKEND``."""
+    if name not in BACKENDS:
+        raise ValueError(f'SeT backend must be one of {BACKENDS}, got '
+                         f'{name!r}')
+    old, _BACKEND.name = _BACKEND.name, name
+    try:
+        yield
+    finally:
+        _BACKEND.name = old
+
+
+def _observed(x: Tensor) -> bool:
+    """Whether a tool records this call's aten ops: tracers, exporters,
+    compilers and dispatch modes (FLOP and memory counters, op recorders,
+    fake tensors).  The fused kernels are opaque to them; the reference is
+    made of the ops they understand."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() \
+        or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() \
+        or _get_current_dispatch_mode() is not None \
+        or x.device.type == 'meta'
+
+
+def _implementation(qf: Tensor):
+    """The autograd function that computes SeT for features ``qf``."""
+    from . import fused_cpu, fused_triton
+    name = _BACKEND.name
+    if name not in BACKENDS:
+        raise ValueError(f'MMSETFORMER_SET_BACKEND must be one of {BACKENDS}'
+                         f', got {name!r}')
+    if name == 'reference':
+        return _SeTFunction
+    if name == 'cpu':
+        if qf.device.type != 'cpu' or not fused_cpu.available():
+            raise RuntimeError('SeT backend "cpu" needs CPU inputs and the '
+                               'compiled kernel: ' + (
+                                   fused_cpu.why_unavailable() or
+                                   f'inputs are on {qf.device}'))
+        return fused_cpu.SeTCPUFunction
+    if name == 'triton':
+        reason = fused_triton.why_unavailable(qf)
+        if reason:
+            raise RuntimeError(f'SeT backend "triton" cannot run: {reason}')
+        return fused_triton.SeTTritonFunction
+    if _observed(qf):
+        return _SeTFunction
+    if qf.device.type == 'cpu' and fused_cpu.available():
+        return fused_cpu.SeTCPUFunction
+    if qf.device.type == 'cuda' and not fused_triton.why_unavailable(qf):
+        return fused_triton.SeTTritonFunction
+    return _SeTFunction
+
+
 def transport_plan(q: Tensor,
                    refs: Tensor,
                    *,
@@ -422,5 +506,6 @@ def set_attention(q: Tensor,
     # Kernel, Sinkhorn and both aggregations stay in fp32 under autocast.
     with torch.autocast(q.device.type, enabled=False):
         qf, rf = _features(q, refs, eps, pos, sigma)
-        y = _SeTFunction.apply(qf, rf, v.to(qf.dtype), int(num_iters))
+        y = _implementation(qf).apply(qf, rf, v.to(qf.dtype),
+                                      int(num_iters))
     return y.to(out_dtype)

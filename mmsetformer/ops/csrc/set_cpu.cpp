@@ -1,0 +1,521 @@
+// Fused SeT on the CPU: one (batch, head) slice at a time, its n x m kernel
+// in a per-thread buffer that stays in cache while every pass over it runs.
+//
+// The reference (mmsetformer/ops/set_attention.py, `_SeTFunction`) runs each
+// pass over the kernels of all slices before the next, so a kernel larger
+// than the cache streams from memory ~10 times forward and again backward,
+// and the backward keeps every kernel alive from the forward.  Here a
+// thread builds a slice's kernel (one GEMM + one exp pass), runs all of
+// Sinkhorn on it (one fused row sweep per iteration: the row product for
+// the row scaling, and that row's share of the column sums while it is
+// hot), both aggregations (two GEMMs), and moves on; the backward rebuilds
+// the kernel the same way instead of keeping it.  Same function, same exact
+// gradients of the T unrolled iterations: the tests hold it against the
+// reference and a dense float64 one.
+//
+// Layout: qf (S, n, dp), rf (H, m, dp) with slice s using head s % H,
+// v (S, n, d); S = batch * heads.  Row-major throughout.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+extern "C" {
+// Fortran BLAS, exported by libtorch_cpu (MKL on x86, OpenBLAS elsewhere).
+void sgemm_(const char *, const char *, const int *, const int *,
+            const int *, const float *, const float *, const int *,
+            const float *, const int *, const float *, float *, const int *);
+void dgemm_(const char *, const char *, const int *, const int *,
+            const int *, const double *, const double *, const int *,
+            const double *, const int *, const double *, double *,
+            const int *);
+}
+
+namespace {
+
+using at::vec::Vectorized;
+
+// As LOG_KERNEL_FLOOR in set_attention.py: entries of log K below the row
+// max minus this are clamped (and pass no gradient).
+constexpr double kLogFloor = 30.0;
+// Rows of dL/dK built at a time in the backward (a cache-sized block).
+constexpr int64_t kGradBlockElems = 1 << 15;
+
+inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha,
+                      const float *a, int lda, const float *b, int ldb,
+                      float beta, float *c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void blas_gemm(char ta, char tb, int m, int n, int k, double alpha,
+                      const double *a, int lda, const double *b, int ldb,
+                      double beta, double *c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major C (M x N) = alpha op(A) op(B) + beta C, op(A): M x K.
+// (Row-major C = A B is column-major C^T = B^T A^T.)
+template <typename T>
+void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha,
+        const T *A, int64_t lda, const T *B, int64_t ldb, T beta, T *C,
+        int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  blas_gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(N),
+            static_cast<int>(M), static_cast<int>(K), alpha, B,
+            static_cast<int>(ldb), A, static_cast<int>(lda), beta, C,
+            static_cast<int>(ldc));
+}
+
+template <typename T>
+inline T safe_div(T num, T den) {
+  // num / den, 0 where den underflowed (see _safe_div in set_attention.py)
+  return den > std::numeric_limits<T>::min() ? num / den : T(0);
+}
+
+template <typename T>
+inline T safe_div_grad(T g, T out, T den) {
+  return den > std::numeric_limits<T>::min() ? -g * out / den : T(0);
+}
+
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T> &x) {
+  return x.exp();
+}
+template <>
+inline Vectorized<float> vexp(const Vectorized<float> &x) {
+  // arguments lie in [-30, 0]: the polynomial exp is exact enough there
+  return x.exp_u20();
+}
+
+template <typename T>
+inline T hsum(const Vectorized<T> &x) {
+  T lanes[Vectorized<T>::size()];
+  x.store(lanes);
+  T sum = 0;
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) sum += lanes[l];
+  return sum;
+}
+
+template <typename T>
+T dot(const T *x, const T *y, int64_t m) {
+  using V = Vectorized<T>;
+  V acc0(T(0)), acc1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * V::size() <= m; j += 2 * V::size()) {
+    acc0 = at::vec::fmadd(V::loadu(x + j), V::loadu(y + j), acc0);
+    acc1 = at::vec::fmadd(V::loadu(x + j + V::size()),
+                          V::loadu(y + j + V::size()), acc1);
+  }
+  for (; j < m; j += V::size()) {  // masked loads fill with zeros
+    const int64_t c = std::min<int64_t>(V::size(), m - j);
+    acc0 = at::vec::fmadd(V::loadu(x + j, c), V::loadu(y + j, c), acc0);
+  }
+  return hsum(acc0 + acc1);
+}
+
+// y += a * x
+template <typename T>
+void axpy(T a, const T *x, T *y, int64_t m) {
+  using V = Vectorized<T>;
+  const V va(a);
+  int64_t j = 0;
+  for (; j + V::size() <= m; j += V::size())
+    at::vec::fmadd(va, V::loadu(x + j), V::loadu(y + j)).store(y + j);
+  if (j < m) {
+    const int64_t c = m - j;
+    at::vec::fmadd(va, V::loadu(x + j, c), V::loadu(y + j, c)).store(y + j, c);
+  }
+}
+
+// Rows of K built per GEMM call: a block stays in L2 for its exp pass.
+template <typename T>
+int64_t build_rows(int64_t m) {
+  return std::max<int64_t>(8, (int64_t(1) << 16) / (m * sizeof(T)));
+}
+
+// K = exp(max(qf rf^T - rowmax, -floor)) into K (n x m), a block of rows at
+// a time.  With u, the row sums u = K 1; with a and s as well, the first
+// Sinkhorn step on the hot rows: a = 1 / (n u), s = K^T a.
+template <typename T>
+void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
+                  T *K, T *u, T *a = nullptr, T *s = nullptr) {
+  using V = Vectorized<T>;
+  const V lo(static_cast<T>(-kLogFloor));
+  const int64_t rows = build_rows<T>(m);
+  if (s) std::fill(s, s + m, T(0));
+  for (int64_t i0 = 0; i0 < n; i0 += rows) {
+    const int64_t nb = std::min(rows, n - i0);
+    mm<T>(false, true, nb, m, dp, T(1), qf + i0 * dp, dp, rf, dp, T(0),
+          K + i0 * m, m);
+    for (int64_t i = i0; i < i0 + nb; ++i) {
+      T *row = K + i * m;
+      T mx = -std::numeric_limits<T>::infinity();
+      int64_t j = 0;
+      if (m >= V::size()) {
+        V vmx = V::loadu(row);
+        for (j = V::size(); j + V::size() <= m; j += V::size())
+          vmx = at::vec::maximum(vmx, V::loadu(row + j));
+        T lanes[V::size()];
+        vmx.store(lanes);
+        for (int64_t l = 0; l < V::size(); ++l) mx = std::max(mx, lanes[l]);
+      }
+      for (; j < m; ++j) mx = std::max(mx, row[j]);
+      const V vmx(mx);
+      V acc(T(0));
+      for (j = 0; j + V::size() <= m; j += V::size()) {
+        V e = vexp(at::vec::maximum(V::loadu(row + j) - vmx, lo));
+        e.store(row + j);
+        acc = acc + e;
+      }
+      T sum = hsum(acc);
+      if (j < m) {
+        const int64_t c = m - j;
+        T lanes[V::size()];
+        vexp(at::vec::maximum(V::loadu(row + j, c) - vmx, lo)).store(lanes);
+        for (int64_t l = 0; l < c; ++l) {
+          row[j + l] = lanes[l];
+          sum += lanes[l];
+        }
+      }
+      if (u) u[i] = sum;
+      if (s) {
+        a[i] = safe_div(T(1) / n, sum);
+        axpy(a[i], row, s, m);
+      }
+    }
+  }
+}
+
+inline int64_t pad8(int64_t x) { return (x + 7) / 8 * 8; }
+
+// BLAS runs thin products far faster with widths that are multiples of 8
+// (measured: 29 columns at ~12 GMAC/s, 32 at ~16-19 on one core), so the
+// [values | 1] matrices of the aggregations are zero-padded to c = pad8(d+1)
+// columns, and the factors of dL/dK to r = 2c + pad8(1 + 2T).
+template <typename T>
+struct Dims {
+  int64_t n, m, dp, d, iters;
+  int64_t c() const { return pad8(d + 1); }
+  int64_t rank() const { return 2 * c() + pad8(1 + 2 * iters); }
+};
+
+// Per-slice vectors of the forward, kept for the backward: a_t, u_t for
+// t = 0..T, b_t for t = 0..T (b_0 = 1), s_t for t < T, and the outputs'
+// normalisers.
+template <typename T>
+struct Saved {
+  T *a, *u, *b, *s, *z, *s4, *w, *tops;
+};
+
+template <typename T>
+int64_t forward_ws(const Dims<T> &D) {
+  return D.n * D.m + 2 * D.n * D.c() + 2 * D.m * D.c();
+}
+
+template <typename T>
+void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
+                   T *y, const Saved<T> &S, T *ws) {
+  const int64_t n = D.n, m = D.m, d = D.d, c = D.c(), iters = D.iters;
+  T *K = ws, *X4 = K + n * m, *Y5 = X4 + n * c, *Z4 = Y5 + n * c,
+    *X5 = Z4 + m * c;
+  const T inv_n = T(1) / n, inv_m = T(1) / m;
+  std::fill(S.b, S.b + m, T(1));
+  // the kernel, u_0 = K 1 and, on the hot rows, Sinkhorn's first step
+  if (iters > 0)
+    build_kernel(qf, rf, n, m, D.dp, K, S.u, S.a, S.s);
+  else
+    build_kernel(qf, rf, n, m, D.dp, K, S.u);
+  // Sinkhorn: step t reads K once: u_t = K b_t (row), a_t, s_t += a_t K
+  for (int64_t t = 0; t < iters; ++t) {
+    T *s = S.s + t * m;
+    if (t > 0) {
+      const T *b = S.b + t * m;
+      T *u = S.u + t * n, *a = S.a + t * n;
+      std::fill(s, s + m, T(0));
+      for (int64_t i = 0; i < n; ++i) {
+        const T *row = K + i * m;
+        u[i] = dot(row, b, m);
+        a[i] = safe_div(inv_n, u[i]);
+        axpy(a[i], row, s, m);
+      }
+    }
+    T *b_next = S.b + (t + 1) * m;
+    for (int64_t j = 0; j < m; ++j) b_next[j] = safe_div(inv_m, s[j]);
+  }
+  const T *b = S.b + iters * m;
+  T *u = S.u + iters * n, *a = S.a + iters * n;
+  if (iters > 0)
+    for (int64_t i = 0; i < n; ++i) u[i] = dot(K + i * m, b, m);
+  T a_top = std::numeric_limits<T>::min(), b_top = a_top;
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = safe_div(inv_n, u[i]);
+    a_top = std::max(a_top, a[i]);
+  }
+  for (int64_t j = 0; j < m; ++j) b_top = std::max(b_top, b[j]);
+  S.tops[0] = a_top;
+  S.tops[1] = b_top;
+  // z_j = sum_i P_ij v_i / sum_i P_ij: [Z~ | s4] = K^T [a^ v | a^]
+  std::fill(X4, X4 + n * c, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    const T ah = a[i] / a_top;
+    for (int64_t k = 0; k < d; ++k) X4[i * c + k] = ah * v[i * d + k];
+    X4[i * c + d] = ah;
+  }
+  mm<T>(true, false, m, c, n, T(1), K, m, X4, c, T(0), Z4, c);
+  std::fill(X5, X5 + m * c, T(0));
+  for (int64_t j = 0; j < m; ++j) {
+    const T s4 = Z4[j * c + d], bh = b[j] / b_top;
+    S.s4[j] = s4;  // >= exp(-floor) * max(a^) = exp(-floor)
+    for (int64_t k = 0; k < d; ++k) {
+      const T zk = Z4[j * c + k] / s4;
+      S.z[j * d + k] = zk;
+      X5[j * c + k] = bh * zk;
+    }
+    X5[j * c + d] = bh;
+  }
+  // y_i = sum_j P_ij z_j / sum_j P_ij: [Y~ | w] = K [b^ z | b^]
+  mm<T>(false, false, n, c, m, T(1), K, m, X5, c, T(0), Y5, c);
+  for (int64_t i = 0; i < n; ++i) {
+    const T w = Y5[i * c + d];
+    S.w[i] = w;
+    for (int64_t k = 0; k < d; ++k) y[i * d + k] = Y5[i * c + k] / w;
+  }
+}
+
+template <typename T>
+int64_t grad_rows(const Dims<T> &D) {
+  return std::max<int64_t>(1, std::min(D.n, kGradBlockElems / D.m));
+}
+
+template <typename T>
+int64_t backward_ws(const Dims<T> &D) {
+  const int64_t r = D.rank(), c = D.c();
+  return D.n * D.m + D.n * r + D.m * r + D.n * c + D.m * c +
+         grad_rows(D) * D.m + 3 * D.m;
+}
+
+// Gradients of one slice.  dL/dK is gathered as U V^T, one rank-(d+1) term
+// per aggregation and one rank-1 term per Sinkhorn product; then
+// dL/dlogK = dL/dK * K (0 where clamped) a block of rows at a time.
+template <typename T>
+void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
+                    const T *y, const T *gy, const Saved<T> &S, T *gqf,
+                    T *grf, T *gv, T *ws) {
+  const int64_t n = D.n, m = D.m, dp = D.dp, d = D.d, c = D.c(),
+                iters = D.iters, r = D.rank();
+  T *K = ws, *U = K + n * m, *Vf = U + n * r, *gX4 = Vf + m * r,
+    *gX5 = gX4 + n * c, *G = gX5 + m * c;
+  const int64_t rows = grad_rows(D);
+  T *gb = G + rows * m, *gb_next = gb + m, *gs = gb_next + m;
+  build_kernel(qf, rf, n, m, dp, K, static_cast<T *>(nullptr));
+  std::fill(U, U + n * r, T(0));
+  std::fill(Vf, Vf + m * r, T(0));
+  const T a_top = S.tops[0], b_top = S.tops[1];
+  const T *a_T = S.a + iters * n, *u_T = S.u + iters * n,
+          *b_T = S.b + iters * m;
+  // y = Y~ / w with [Y~ | w] = K X5: factor G5 in U[:, 0:c], X5 in V
+  for (int64_t i = 0; i < n; ++i) {
+    T *g5 = U + i * r;
+    T dyy = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      g5[k] = gy[i * d + k] / S.w[i];
+      dyy += g5[k] * y[i * d + k];
+    }
+    g5[d] = -dyy;
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    const T bh = b_T[j] / b_top;
+    for (int64_t k = 0; k < d; ++k) Vf[j * r + k] = bh * S.z[j * d + k];
+    Vf[j * r + d] = bh;
+  }
+  mm<T>(true, false, m, c, n, T(1), K, m, U, r, T(0), gX5, c);
+  // z = Z~ / s4 with [Z~ | s4] = K^T X4: X4 in U[:, c:2c], G4 in V
+  for (int64_t j = 0; j < m; ++j) {
+    const T bh = b_T[j] / b_top;
+    T *g4 = Vf + j * r + c;
+    T gbh = gX5[j * c + d], dzz = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const T gxk = gX5[j * c + k];
+      gbh += S.z[j * d + k] * gxk;
+      g4[k] = bh * gxk / S.s4[j];
+      dzz += g4[k] * S.z[j * d + k];
+    }
+    g4[d] = -dzz;
+    gb[j] = gbh / b_top;
+  }
+  mm<T>(false, false, n, c, m, T(1), K, m, Vf + c, r, T(0), gX4, c);
+  const int64_t cT = 2 * c;  // the last row scaling's column
+  for (int64_t i = 0; i < n; ++i) {
+    const T ah = a_T[i] / a_top;
+    T *x4 = U + i * r + c;
+    T gah = gX4[i * c + d];
+    for (int64_t k = 0; k < d; ++k) {
+      const T gxk = gX4[i * c + k];
+      x4[k] = ah * v[i * d + k];
+      gv[i * d + k] = ah * gxk;
+      gah += v[i * d + k] * gxk;
+    }
+    x4[d] = ah;
+    // a_T = 1 / (n u_T), u_T = K b_T
+    U[i * r + cT] = safe_div_grad(gah / a_top, a_T[i], u_T[i]);
+  }
+  for (int64_t j = 0; j < m; ++j) Vf[j * r + cT] = b_T[j];
+  for (int64_t i = 0; i < n; ++i) axpy(U[i * r + cT], K + i * m, gb, m);
+  // Sinkhorn in reverse; step t: b_{t+1} = 1 / (m s_t), s_t = K^T a_t,
+  // a_t = 1 / (n u_t), u_t = K b_t.  One fused row sweep per step.
+  for (int64_t t = iters - 1; t >= 0; --t) {
+    const T *a_t = S.a + t * n, *u_t = S.u + t * n, *b_t = S.b + t * m,
+            *s_t = S.s + t * m, *b_next = S.b + (t + 1) * m;
+    const int64_t ca = cT + 1 + 2 * t, cu = ca + 1;
+    for (int64_t j = 0; j < m; ++j) {
+      gs[j] = safe_div_grad(gb[j], b_next[j], s_t[j]);
+      Vf[j * r + ca] = gs[j];
+      Vf[j * r + cu] = b_t[j];
+    }
+    if (t > 0) std::fill(gb_next, gb_next + m, T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      const T *row = K + i * m;
+      const T gu = safe_div_grad(dot(row, gs, m), a_t[i], u_t[i]);
+      U[i * r + ca] = a_t[i];
+      U[i * r + cu] = gu;
+      if (t > 0) axpy(gu, row, gb_next, m);
+    }
+    std::swap(gb, gb_next);
+  }
+  // dL/dlogK, then through logK = qf rf^T
+  const T floor_ = std::exp(static_cast<T>(-kLogFloor));
+  for (int64_t i0 = 0; i0 < n; i0 += rows) {
+    const int64_t nb = std::min(rows, n - i0);
+    mm<T>(false, true, nb, m, r, T(1), U + i0 * r, r, Vf, r, T(0), G, m);
+    const T *Kb = K + i0 * m;
+    for (int64_t e = 0; e < nb * m; ++e)
+      G[e] = Kb[e] > floor_ ? G[e] * Kb[e] : T(0);
+    if (gqf)
+      mm<T>(false, false, nb, dp, m, T(1), G, m, rf, dp, T(0),
+            gqf + i0 * dp, dp);
+    if (grf)
+      mm<T>(true, false, m, dp, nb, T(1), G, m, qf + i0 * dp, dp,
+            i0 == 0 ? T(0) : T(1), grf, dp);
+  }
+}
+
+void check(const torch::Tensor &t, const char *name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims");
+}
+
+// Slices run in parallel, a contiguous range per thread, each thread in its
+// own workspace of ws_elems.
+template <typename T, typename F>
+void for_slices(int64_t S, int64_t ws_elems, const torch::Tensor &like,
+                F &&fn) {
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(S, at::get_num_threads()));
+  auto ws = torch::empty({threads, ws_elems}, like.options());
+  T *base = ws.data_ptr<T>();
+  const int64_t per = (S + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t th = begin; th < end; ++th)
+      for (int64_t s = th * per; s < std::min(S, (th + 1) * per); ++s)
+        fn(s, base + th * ws_elems);
+  });
+}
+
+template <typename T>
+Saved<T> saved_of(int64_t s, int64_t n, int64_t m, int64_t d, int64_t iters,
+                  const std::vector<torch::Tensor> &t) {
+  const int64_t k = iters + 1, ks = std::max<int64_t>(iters, 1);
+  return {t[0].data_ptr<T>() + s * k * n, t[1].data_ptr<T>() + s * k * n,
+          t[2].data_ptr<T>() + s * k * m, t[3].data_ptr<T>() + s * ks * m,
+          t[4].data_ptr<T>() + s * m * d, t[5].data_ptr<T>() + s * m,
+          t[6].data_ptr<T>() + s * n,     t[7].data_ptr<T>() + s * 2};
+}
+
+std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
+                                       torch::Tensor v, int64_t iters) {
+  check(qf, "qf", 3);
+  check(rf, "rf", 3);
+  check(v, "v", 3);
+  const int64_t S = qf.size(0), n = qf.size(1), dp = qf.size(2),
+                H = rf.size(0), m = rf.size(1), d = v.size(2);
+  TORCH_CHECK(rf.size(2) == dp && v.size(0) == S && v.size(1) == n &&
+                  S % H == 0 && iters >= 0,
+              "set_forward: inconsistent shapes");
+  TORCH_CHECK(qf.scalar_type() == rf.scalar_type() &&
+                  qf.scalar_type() == v.scalar_type(),
+              "set_forward: one dtype for all inputs");
+  auto opt = qf.options();
+  auto y = torch::empty({S, n, d}, opt);
+  auto A = torch::empty({S, iters + 1, n}, opt);
+  auto Uv = torch::empty({S, iters + 1, n}, opt);
+  auto Bv = torch::empty({S, iters + 1, m}, opt);
+  auto Sv = torch::empty({S, std::max<int64_t>(iters, 1), m}, opt);
+  auto z = torch::empty({S, m, d}, opt);
+  auto s4 = torch::empty({S, m}, opt);
+  auto w = torch::empty({S, n}, opt);
+  auto tops = torch::empty({S, 2}, opt);
+  const std::vector<torch::Tensor> saved{A, Uv, Bv, Sv, z, s4, w, tops};
+  AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "set_forward", [&] {
+    using T = scalar_t;
+    const Dims<T> D{n, m, dp, d, iters};
+    const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(), *vp = v.data_ptr<T>();
+    T *yp = y.data_ptr<T>();
+    for_slices<T>(S, forward_ws(D), qf, [&](int64_t s, T *ws) {
+      forward_slice(D, q + s * n * dp, r + (s % H) * m * dp, vp + s * n * d,
+                    yp + s * n * d, saved_of<T>(s, n, m, d, iters, saved),
+                    ws);
+    });
+  });
+  return {y, A, Uv, Bv, Sv, z, s4, w, tops};
+}
+
+// Returns gqf (S, n, dp) or empty, grf per slice (S, m, dp) or empty, gv.
+std::vector<torch::Tensor> set_backward(
+    torch::Tensor qf, torch::Tensor rf, torch::Tensor v, torch::Tensor y,
+    torch::Tensor gy, torch::Tensor A, torch::Tensor Uv, torch::Tensor Bv,
+    torch::Tensor Sv, torch::Tensor z, torch::Tensor s4, torch::Tensor w,
+    torch::Tensor tops, bool need_qf, bool need_rf) {
+  for (auto *t : {&qf, &rf, &v, &y, &gy})
+    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->device().is_cpu(),
+                "set_backward: inputs must be contiguous 3-D CPU tensors");
+  const int64_t S = qf.size(0), n = qf.size(1), dp = qf.size(2),
+                H = rf.size(0), m = rf.size(1), d = v.size(2),
+                iters = A.size(1) - 1;
+  auto opt = qf.options();
+  auto gqf = need_qf ? torch::empty({S, n, dp}, opt) : torch::Tensor();
+  auto grf = need_rf ? torch::empty({S, m, dp}, opt) : torch::Tensor();
+  auto gv = torch::empty({S, n, d}, opt);
+  const std::vector<torch::Tensor> saved{A, Uv, Bv, Sv, z, s4, w, tops};
+  for (const auto &t : saved)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == qf.scalar_type(),
+                "set_backward: saved tensors must be contiguous, one dtype");
+  AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "set_backward", [&] {
+    using T = scalar_t;
+    const Dims<T> D{n, m, dp, d, iters};
+    const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(),
+            *vp = v.data_ptr<T>(), *yp = y.data_ptr<T>(),
+            *gyp = gy.data_ptr<T>();
+    T *gq = need_qf ? gqf.data_ptr<T>() : nullptr,
+      *gr = need_rf ? grf.data_ptr<T>() : nullptr, *gvp = gv.data_ptr<T>();
+    for_slices<T>(S, backward_ws(D), qf, [&](int64_t s, T *ws) {
+      backward_slice(D, q + s * n * dp, r + (s % H) * m * dp,
+                     vp + s * n * d, yp + s * n * d, gyp + s * n * d,
+                     saved_of<T>(s, n, m, d, iters, saved),
+                     gq ? gq + s * n * dp : nullptr,
+                     gr ? gr + s * m * dp : nullptr, gvp + s * n * d, ws);
+    });
+  });
+  return {gqf, grf, gv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("forward", &set_forward, "SeT forward (fused, CPU)");
+  mod.def("backward", &set_backward, "SeT backward (fused, CPU)");
+}

@@ -1,0 +1,214 @@
+"""The fused SeT implementations against the reference and a dense float64
+one (SPEC §7): the compiled CPU kernel, and the Triton kernels, which run
+here under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on hosts
+without CUDA)."""
+import importlib
+import platform
+
+import pytest
+import torch
+import torch.utils.flop_counter
+from dense_reference import dense_set
+
+from mmsetformer.ops import (fused_cpu, fused_triton, get_backend,
+                             grid_positions, set_attention, set_backend)
+
+set_attention_module = importlib.import_module(
+    'mmsetformer.ops.set_attention')
+FUSED = ['cpu', 'triton']
+
+
+def _inputs(B, h, n, m, d, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, h, n, d, generator=g, dtype=dtype) * scale
+    v = torch.randn(B, h, n, d, generator=g, dtype=dtype) * scale
+    r = torch.randn(h, m, d, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (q, v, r)]
+
+
+def _pos(hw, grid, dtype):
+    if isinstance(hw, int):  # a 1-D sequence against a 1-D reference row
+        return ((torch.arange(hw, dtype=dtype) + 0.5) / hw)[:, None], \
+            ((torch.arange(grid, dtype=dtype) + 0.5) / grid)[:, None]
+    return grid_positions(*hw, dtype=dtype), grid_positions(*grid,
+                                                            dtype=dtype)
+
+
+def _run(backend, q, v, r, **kw):
+    """Output and gradients of q, v, refs for a fixed upstream gradient."""
+    with set_backend(backend):
+        y = set_attention(q, v, r, **kw)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    return (y.detach(), *torch.autograd.grad(y, (q, v, r), gy))
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    # several row and reference tiles even on tiny inputs
+    monkeypatch.setattr(fused_triton, 'BLOCK_N', 16)
+    monkeypatch.setattr(fused_triton, 'BLOCK_M', 16)
+
+
+def _available(backend, x):
+    if backend == 'cpu':
+        return fused_cpu.why_unavailable()
+    return fused_triton.why_unavailable(x)
+
+
+# n and m not multiples of any tile or vector width; B*h > 1
+CASES = [  # (B, h, hw, grid, d, T, eps, sigma, lpe)
+    (2, 3, (5, 7), (3, 4), 8, 0, 0.3, 0.8, True),
+    (2, 3, (5, 7), (3, 4), 8, 1, 0.1, 0.5, False),
+    (1, 2, (9, 13), (5, 7), 29, 3, 0.3, 0.6, True),
+    (3, 1, (4, 5), (7, 9), 5, 4, 0.5, 0.3, True),
+    (1, 2, (17, 3), (2, 13), 12, 5, 1.0, 1.0, False),
+    (2, 2, 41, 11, 6, 2, 0.2, 0.4, True),  # 1-D sequence
+]
+
+
+@pytest.mark.parametrize('backend', FUSED + ['reference'])
+@pytest.mark.parametrize('B,h,hw,grid,d,T,eps,sigma,lpe', CASES)
+def test_matches_dense_float64(backend, B, h, hw, grid, d, T, eps, sigma, lpe,
+                               small_tiles):
+    n = hw if isinstance(hw, int) else hw[0] * hw[1]
+    m = grid if isinstance(grid, int) else grid[0] * grid[1]
+    q, v, r = _inputs(B, h, n, m, d, torch.float64)
+    reason = _available(backend, q) if backend != 'reference' else ''
+    if reason:
+        pytest.skip(reason)
+    kw = dict(eps=eps, num_iters=T, pos=_pos(hw, grid, torch.float64)
+              if lpe else None, sigma=sigma if lpe else None)
+    ours = _run(backend, q, v, r, **kw)
+
+    def dense(q, v, r):
+        return dense_set(q, v, r, **kw)[0]
+
+    y = dense(q, v, r)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    ref = (y.detach(), *torch.autograd.grad(y, (q, v, r), gy))
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), \
+            (name, (a - b).abs().max().item())
+
+
+@pytest.mark.parametrize('backend', FUSED)
+@pytest.mark.parametrize('B,h,hw,grid,d,T,eps,sigma,lpe', CASES[:4])
+def test_matches_reference_float32(backend, B, h, hw, grid, d, T, eps, sigma,
+                                   lpe, small_tiles):
+    n, m = hw[0] * hw[1], grid[0] * grid[1]
+    q, v, r = _inputs(B, h, n, m, d, torch.float32, seed=1)
+    reason = _available(backend, q)
+    if reason:
+        pytest.skip(reason)
+    kw = dict(eps=eps, num_iters=T, pos=_pos(hw, grid, torch.float32)
+              if lpe else None, sigma=sigma if lpe else None)
+    ours, ref = _run(backend, q, v, r, **kw), _run('reference', q, v, r, **kw)
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        tol = 1e-5 * b.abs().max().item() + 1e-7
+        assert (a - b).abs().max().item() <= tol, \
+            (name, (a - b).abs().max().item(), tol)
+
+
+# the property tests' extremes: scales 1e-4..1e4, zero vectors, eps = 0.01
+@pytest.mark.parametrize('backend', FUSED)
+@pytest.mark.parametrize('scale,eps,zeros', [
+    (1e-4, 0.3, False), (1e4, 0.3, False), (1.0, 0.01, False),
+    (1.0, 0.3, True)])
+def test_extreme_inputs_match_reference(backend, scale, eps, zeros,
+                                        small_tiles):
+    q, v, r = _inputs(2, 2, 40, 12, 8, torch.float32, seed=2, scale=scale)
+    reason = _available(backend, q)
+    if reason:
+        pytest.skip(reason)
+    if zeros:
+        with torch.no_grad():
+            q[:, :, :6] = 0
+            r[:, 0] = 0
+    kw = dict(eps=eps, num_iters=3, pos=_pos((5, 8), (3, 4), torch.float32),
+              sigma=0.5)
+    ours, ref = _run(backend, q, v, r, **kw), _run('reference', q, v, r, **kw)
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        assert torch.isfinite(a).all(), name
+        tol = 1e-4 * b.abs().max().item() + 1e-6
+        assert (a - b).abs().max().item() <= tol, \
+            (name, (a - b).abs().max().item(), tol)
+
+
+def test_partial_gradients_and_autocast_inputs():
+    """Only some inputs need gradients; bf16 inputs under autocast."""
+    q, v, r = _inputs(2, 2, 30, 6, 8, torch.float32, seed=3)
+    kw = dict(eps=0.3, num_iters=2, pos=_pos((5, 6), (2, 3), torch.float32),
+              sigma=0.5)
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    outs = {}
+    for backend in ('reference', 'cpu'):
+        with set_backend(backend):
+            y = set_attention(q.detach(), v, r.detach(), **kw)
+            (gv, ) = torch.autograd.grad(y.sum(), (v, ))
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                yb = set_attention(q.bfloat16(), v.bfloat16(), r, **kw)
+        outs[backend] = (y.detach(), gv, yb.detach())
+    assert outs['cpu'][2].dtype == torch.bfloat16
+    for a, b in zip(outs['cpu'], outs['reference']):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernel_is_built_and_chosen(monkeypatch):
+    # the install builds it; a silent fallback would lose its speed
+    if platform.machine().lower() in ('x86_64', 'amd64', 'aarch64'):
+        assert fused_cpu.available(), fused_cpu.why_unavailable()
+    chosen, pick = [], set_attention_module._implementation
+    monkeypatch.setattr(set_attention_module, '_implementation',
+                        lambda qf: chosen.append(pick(qf)) or chosen[-1])
+    q = torch.randn(1, 2, 10, 4)
+    assert get_backend() == 'auto'
+    set_attention(q, q, q[0, :, :5], eps=0.3, num_iters=1)
+    assert chosen[-1] is fused_cpu.SeTCPUFunction
+    # the reference where tools record aten ops: tracers, dispatch modes
+    torch.jit.trace(
+        lambda q: set_attention(q, q, q[0, :, :5], eps=0.3, num_iters=1), q,
+        check_trace=False)
+    assert chosen[-1] is set_attention_module._SeTFunction
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as flops:
+        set_attention(q, q, q[0, :, :5], eps=0.3, num_iters=1)
+    assert chosen[-1] is set_attention_module._SeTFunction
+    assert flops.get_total_flops() > 0
+    with set_backend('reference'):
+        set_attention(q, q, q[0, :, :5], eps=0.3, num_iters=1)
+    assert chosen[-1] is set_attention_module._SeTFunction
+
+
+def test_backend_errors_are_clear(monkeypatch):
+    with pytest.raises(ValueError, match='SeT backend must be one of'):
+        with set_backend('flash'):
+            pass
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    q = torch.randn(1, 1, 4, 4)
+    with set_backend('triton'), pytest.raises(RuntimeError,
+                                              match='inputs are on the CPU'):
+        set_attention(q, q, q[0], eps=0.3, num_iters=1)
+    monkeypatch.setattr(fused_cpu, '_SUPPORTED', False)
+    with set_backend('cpu'), pytest.raises(RuntimeError, match='cpu'):
+        set_attention(q, q, q[0], eps=0.3, num_iters=1)
+    # auto falls back to the reference
+    y = set_attention(q, q, q[0], eps=0.3, num_iters=1)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize('backend', FUSED)
+def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
+    """What the fused paths save for the backward is O(n + m) per slice
+    plus the inputs and output, never the kernel."""
+    n, m, d = 60, 20, 4
+    q, v, r = _inputs(1, 2, n, m, d, torch.float32, seed=4)
+    reason = _available(backend, q)
+    if reason:
+        pytest.skip(reason)
+    with set_backend(backend):
+        y = set_attention(q, v, r, eps=0.3, num_iters=3,
+                          pos=_pos((6, 10), (4, 5), torch.float32),
+                          sigma=0.5)
+    saved = [t for t in y.grad_fn.saved_tensors
+             if t.numel() >= 2 * n * m]
+    assert not saved, [tuple(t.shape) for t in saved]
