@@ -8,7 +8,6 @@ its reference implementation on the CPU.
 """
 import os
 import platform
-
 from setuptools import setup
 
 

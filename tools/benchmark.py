@@ -136,6 +136,7 @@ def bench_operator(args, device, report):
                    for _ in range(3))
         refs = torch.randn(heads, m, d, generator=g).to(device)
         pos = (grid_positions(*hw, device=device), ref_pos)
+
         def set_op():
             return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
                                  sigma=sigma)

@@ -8,7 +8,6 @@ from .set_attention import LOG_KERNEL_FLOOR
 FLOOR: tl.constexpr = tl.constexpr(float(LOG_KERNEL_FLOOR))
 
 
-
 @triton.jit
 def _tile(X, Y, Mx, s, h, rows, cols, n, m, dp, BD: tl.constexpr,
           PREC: tl.constexpr, MAXED: tl.constexpr):
@@ -28,6 +27,7 @@ def _tile(X, Y, Mx, s, h, rows, cols, n, m, dp, BD: tl.constexpr,
             valid & (logits - mx[:, None] > -FLOOR)
     return logits, valid, valid
 
+
 @triton.jit
 def _row_max(X, Y, Mx, n, m, dp, heads, BN: tl.constexpr,
              BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
@@ -41,6 +41,7 @@ def _row_max(X, Y, Mx, n, m, dp, heads, BN: tl.constexpr,
         logits = tl.where(valid, logits, float('-inf'))
         best = tl.maximum(best, tl.max(logits, axis=1))
     tl.store(Mx + s * n + rows, best, mask=rows < n)
+
 
 @triton.jit
 def _row_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
@@ -69,6 +70,7 @@ def _row_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
         tl.store(OutMat + (s * n + rows[:, None]) * c + cc[None, :],
                  acc_m, mask=(rows[:, None] < n) & (cc[None, :] < c))
 
+
 @triton.jit
 def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
               BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
@@ -96,6 +98,7 @@ def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
         tl.store(OutMat + (s * m + cols[:, None]) * c + cc[None, :],
                  acc_m, mask=(cols[:, None] < m) & (cc[None, :] < c))
 
+
 @triton.jit
 def _grad_tile(X, Y, Mx, U, V, s, h, rows, cols, n, m, dp, r,
                BD: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
@@ -109,6 +112,7 @@ def _grad_tile(X, Y, Mx, U, V, s, h, rows, cols, n, m, dp, r,
                 mask=(cols[:, None] < m) & (rr[None, :] < r), other=0.)
     gk = tl.dot(u, tl.trans(v), input_precision=PREC)
     return tl.where(live, K * gk, 0.)
+
 
 @triton.jit
 def _grad_rows(X, Y, Mx, U, V, GX, n, m, dp, r, heads, BN: tl.constexpr,
@@ -130,6 +134,7 @@ def _grad_rows(X, Y, Mx, U, V, GX, n, m, dp, r, heads, BN: tl.constexpr,
         acc += tl.dot(g, y, input_precision=PREC)
     tl.store(GX + (s * n + rows[:, None]) * dp + dd[None, :], acc,
              mask=(rows[:, None] < n) & (dd[None, :] < dp))
+
 
 @triton.jit
 def _grad_cols(X, Y, Mx, U, V, GY, n, m, dp, r, heads, BN: tl.constexpr,

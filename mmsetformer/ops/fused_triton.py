@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .set_attention import (LOG_KERNEL_FLOOR, _safe_div, _safe_div_grad)
+from .set_attention import _safe_div, _safe_div_grad
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
@@ -251,4 +251,3 @@ class SeTTritonFunction(torch.autograd.Function):
         return (gq.view(B, h, n, dp) if need_q else None,
                 gr.view(B, h, -1, dp).sum(0, keepdim=True) if need_r
                 else None, gv.view(B, h, n, -1), None)
-
