@@ -31,7 +31,7 @@ def _tile(X, Y, Mx, s, h, rows, cols, n, m, dp, BD: tl.constexpr,
 @triton.jit
 def _row_max(X, Y, Mx, n, m, dp, heads, BN: tl.constexpr,
              BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     best = tl.full([BN], float('-inf'), Mx.dtype.element_ty)
     for j0 in range(0, m, BM):
@@ -49,7 +49,7 @@ def _row_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
               BC: tl.constexpr, HAS_MAT: tl.constexpr,
               PREC: tl.constexpr):
     """OutVec = K Vec, OutMat = K Mat (Vec: (S, m), Mat: (S, m, c))."""
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     cc = tl.arange(0, BC)
     acc_v = tl.zeros([BN], OutVec.dtype.element_ty)
@@ -77,7 +77,7 @@ def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
               BC: tl.constexpr, HAS_MAT: tl.constexpr,
               PREC: tl.constexpr):
     """OutVec = K^T Vec, OutMat = K^T Mat (Vec: (S, n), Mat: (S, n, c))."""
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
     cc = tl.arange(0, BC)
     acc_v = tl.zeros([BM], OutVec.dtype.element_ty)
@@ -119,7 +119,7 @@ def _grad_rows(X, Y, Mx, U, V, GX, n, m, dp, r, heads, BN: tl.constexpr,
                BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
                PREC: tl.constexpr):
     """GX_i = sum_j G_ij Y_j (dL/dqf)."""
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     h = s % heads
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     dd = tl.arange(0, BD)
@@ -141,7 +141,7 @@ def _grad_cols(X, Y, Mx, U, V, GY, n, m, dp, r, heads, BN: tl.constexpr,
                BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
                PREC: tl.constexpr):
     """GY_j = sum_i G_ij X_i (dL/drf, per slice)."""
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
     dd = tl.arange(0, BD)
     acc = tl.zeros([BM, BD], GY.dtype.element_ty)

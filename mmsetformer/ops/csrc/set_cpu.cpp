@@ -131,10 +131,11 @@ void axpy(T a, const T *x, T *y, int64_t m) {
   }
 }
 
-// Rows of K built per GEMM call: a block stays in L2 for its exp pass.
+// Rows of K built per GEMM call: 256 KB blocks stay in L2 for the exp pass
+// and keep the GEMM calls large enough to run at speed.
 template <typename T>
 int64_t build_rows(int64_t m) {
-  return std::max<int64_t>(8, (int64_t(1) << 16) / (m * sizeof(T)));
+  return std::max<int64_t>(8, (int64_t(1) << 18) / (m * sizeof(T)));
 }
 
 // K = exp(max(qf rf^T - rowmax, -floor)) into K (n x m), a block of rows at
@@ -155,10 +156,12 @@ void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
       T *row = K + i * m;
       T mx = -std::numeric_limits<T>::infinity();
       int64_t j = 0;
+      // a NaN may slip past clamp_min here: it reaches K (and the
+      // output) through the exp pass all the same
       if (m >= V::size()) {
         V vmx = V::loadu(row);
         for (j = V::size(); j + V::size() <= m; j += V::size())
-          vmx = at::vec::maximum(vmx, V::loadu(row + j));
+          vmx = at::vec::clamp_min(vmx, V::loadu(row + j));
         T lanes[V::size()];
         vmx.store(lanes);
         for (int64_t l = 0; l < V::size(); ++l) mx = std::max(mx, lanes[l]);
@@ -167,7 +170,7 @@ void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
       const V vmx(mx);
       V acc(T(0));
       for (j = 0; j + V::size() <= m; j += V::size()) {
-        V e = vexp(at::vec::maximum(V::loadu(row + j) - vmx, lo));
+        V e = vexp(at::vec::clamp_min(V::loadu(row + j) - vmx, lo));
         e.store(row + j);
         acc = acc + e;
       }
@@ -175,7 +178,7 @@ void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
       if (j < m) {
         const int64_t c = m - j;
         T lanes[V::size()];
-        vexp(at::vec::maximum(V::loadu(row + j, c) - vmx, lo)).store(lanes);
+        vexp(at::vec::clamp_min(V::loadu(row + j, c) - vmx, lo)).store(lanes);
         for (int64_t l = 0; l < c; ++l) {
           row[j + l] = lanes[l];
           sum += lanes[l];
