@@ -5,6 +5,9 @@
 #   MMSETFORMER_CUDA=1 bash tools/install.sh   # force mmcv's CUDA ops (needs nvcc)
 #   MMSETFORMER_CUDA=0 bash tools/install.sh   # force CPU-only ops
 #   MMSETFORMER_VENV=/path/venv bash tools/install.sh  # another venv location
+#   MMSETFORMER_TORCH=existing bash tools/install.sh   # into the active env:
+#       keep its torch/torchvision (e.g. a cluster's CUDA build), build mmcv's
+#       ops against them; PYTHON=... picks the interpreter (default python3)
 #
 # Idempotent: when the environment was built from the same pins (this file and
 # setup.cfg) and still imports, it returns in seconds.  mmcv 2.1.0 has no wheel
@@ -34,12 +37,23 @@ stamp_of() {
   cat "$ROOT/tools/install.sh" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" \
       "$ROOT/setup.py" "$ROOT"/mmsetformer/ops/csrc/* 2>/dev/null | sha256sum | cut -c1-16
 }
-STAMP_FILE="$VENV/.mmsetformer-stamp"
-want_stamp="$(stamp_of)"
+TORCH_MODE="${MMSETFORMER_TORCH:-pinned}"
+case "$TORCH_MODE" in
+  pinned) PY="$VENV/bin/python"; STAMP_FILE="$VENV/.mmsetformer-stamp" ;;
+  existing)
+    PY="$(command -v "$PY_BOOT")"
+    STAMP_FILE="$ROOT/.mmsetformer-env-stamp"
+    if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+      echo "MMSETFORMER_TORCH=existing: $PY has no torch + torchvision to keep" >&2
+      exit 1
+    fi ;;
+  *) echo "MMSETFORMER_TORCH must be 'pinned' or 'existing', got '$TORCH_MODE'" >&2; exit 1 ;;
+esac
+want_stamp="$(stamp_of)-$TORCH_MODE"
 
 check_env() {
   # Everything the project needs, including mmcv's compiled ops.
-  "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
+  "$PY" - <<'PY' >/dev/null 2>&1
 import torch, torchvision, mmengine, mmcv, mmdet, mmseg, mmpretrain, timm, pycocotools
 import pkg_resources  # mmengine needs it to resolve `mmdet::` config bases
 from mmcv.ops import nms, RoIAlign  # compiled extension
@@ -49,22 +63,24 @@ assert fused_cpu._ext is not None, fused_cpu.why_unavailable()
 PY
 }
 
-if [[ -x "$VENV/bin/python" && -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$want_stamp" ]]; then
+if [[ -x "$PY" && -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$want_stamp" ]]; then
   if check_env; then
-    say "environment $VENV is up to date (stamp $want_stamp)"
+    say "environment $PY is up to date (stamp $want_stamp)"
     exit 0
   fi
-  say "environment $VENV has the right stamp but does not import: repairing"
+  say "environment $PY has the right stamp but does not import: repairing"
 fi
 
-if [[ ! -x "$VENV/bin/python" ]]; then
-  say "creating virtual environment $VENV with $($PY_BOOT --version)"
-  "$PY_BOOT" -m venv "$VENV"
+if [[ "$TORCH_MODE" == existing ]]; then
+  say "torch: keeping $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') in $PY"
+else
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    say "creating virtual environment $VENV with $($PY_BOOT --version)"
+    "$PY_BOOT" -m venv "$VENV"
+  fi
+  say "torch: $TORCH_PIN"
+  pip_ install -q $TORCH_PIN
 fi
-PY="$VENV/bin/python"
-
-say "torch: $TORCH_PIN"
-pip_ install -q $TORCH_PIN
 # mmcv's setup.py imports pkg_resources (removed in setuptools >= 80).
 say "build tools: setuptools<70, wheel, ninja, $MMENGINE_PIN"
 # (torch declares setuptools>=77: the temporary downgrade is expected)
