@@ -212,3 +212,24 @@ def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
     saved = [t for t in y.grad_fn.saved_tensors
              if t.numel() >= 2 * n * m]
     assert not saved, [tuple(t.shape) for t in saved]
+
+
+@pytest.mark.parametrize('threads', [2, 3])
+def test_cpu_kernel_splits_rows_when_slices_are_few(threads):
+    """Fewer slices than threads: each slice's passes run over row chunks
+    (with per-chunk column sums): the same function."""
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, v, r = _inputs(1, threads - 1, 13 * 17, 30, 8, torch.float64,
+                          seed=5)
+        kw = dict(eps=0.3, num_iters=3, sigma=0.6,
+                  pos=_pos((13, 17), (5, 6), torch.float64))
+        ours = _run('cpu', q, v, r, **kw)
+        ref = _run('reference', q, v, r, **kw)
+    finally:
+        torch.set_num_threads(old)
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), name

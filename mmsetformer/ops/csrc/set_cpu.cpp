@@ -138,18 +138,53 @@ int64_t build_rows(int64_t m) {
   return std::max<int64_t>(8, (int64_t(1) << 18) / (m * sizeof(T)));
 }
 
-// K = exp(max(qf rf^T - rowmax, -floor)) into K (n x m), a block of rows at
-// a time.  With u, the row sums u = K 1; with a and s as well, the first
-// Sinkhorn step on the hot rows: a = 1 / (n u), s = K^T a.
+// The passes over the rows of one slice.  When slices run one per thread
+// (the usual case) a pass is one chunk of all rows; when there are fewer
+// slices than threads, a slice gets the whole pool and each pass splits its
+// rows into one chunk per thread.  Column sums then go to per-chunk
+// partials, added in chunk order afterwards (deterministic for a given
+// thread count).
+struct Rows {
+  int64_t n, chunks;
+  explicit Rows(int64_t n_) : n(n_) {
+    chunks = at::in_parallel_region()
+                 ? 1
+                 : std::max<int64_t>(1, std::min<int64_t>(
+                                            at::get_num_threads(), n / 64));
+  }
+  // fn(chunk, i0, i1) for every chunk of rows
+  template <typename F>
+  void run(F &&fn) const {
+    if (chunks == 1) return fn(int64_t(0), int64_t(0), n);
+    const int64_t per = (n + chunks - 1) / chunks;
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        fn(c, c * per, std::min(n, (c + 1) * per));
+    });
+  }
+  // chunk c's partial of a len-long sum into out: out itself for chunk 0
+  template <typename T>
+  T *partial(T *out, T *scratch, int64_t c, int64_t len) const {
+    return c == 0 ? out : scratch + (c - 1) * len;
+  }
+  template <typename T>
+  void reduce(T *out, const T *scratch, int64_t len) const {
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t j = 0; j < len; ++j) out[j] += scratch[(c - 1) * len + j];
+  }
+};
+
+// build_kernel for rows [r0, r1) (s: this chunk's partial).
 template <typename T>
-void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
-                  T *K, T *u, T *a = nullptr, T *s = nullptr) {
+void build_rows_of(const T *qf, const T *rf, int64_t n, int64_t m,
+                   int64_t dp, T *K, T *u, T *a, T *s, int64_t r0,
+                   int64_t r1) {
   using V = Vectorized<T>;
   const V lo(static_cast<T>(-kLogFloor));
   const int64_t rows = build_rows<T>(m);
   if (s) std::fill(s, s + m, T(0));
-  for (int64_t i0 = 0; i0 < n; i0 += rows) {
-    const int64_t nb = std::min(rows, n - i0);
+  for (int64_t i0 = r0; i0 < r1; i0 += rows) {
+    const int64_t nb = std::min(rows, r1 - i0);
     mm<T>(false, true, nb, m, dp, T(1), qf + i0 * dp, dp, rf, dp, T(0),
           K + i0 * m, m);
     for (int64_t i = i0; i < i0 + nb; ++i) {
@@ -193,6 +228,22 @@ void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
   }
 }
 
+// K = exp(max(qf rf^T - rowmax, -floor)) into K (n x m), a block of rows at
+// a time.  With u, the row sums u = K 1; with a and s as well, the first
+// Sinkhorn step on the hot rows: a = 1 / (n u), s = K^T a (per-chunk
+// partials of s in scratch).
+template <typename T>
+void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
+                  T *K, T *u, T *a = nullptr, T *s = nullptr,
+                  T *scratch = nullptr) {
+  const Rows R(n);
+  R.run([&](int64_t c, int64_t r0, int64_t r1) {
+    build_rows_of(qf, rf, n, m, dp, K, u, a,
+                  s ? R.partial(s, scratch, c, m) : nullptr, r0, r1);
+  });
+  if (s) R.reduce(s, scratch, m);
+}
+
 inline int64_t pad8(int64_t x) { return (x + 7) / 8 * 8; }
 
 // BLAS runs thin products far faster with widths that are multiples of 8
@@ -214,9 +265,11 @@ struct Saved {
   T *a, *u, *b, *s, *z, *s4, *w, *tops;
 };
 
+// Workspace of one slice; `chunks` row chunks need chunks - 1 partials of
+// the column sums (m each; m x dp for dL/drf in the backward).
 template <typename T>
-int64_t forward_ws(const Dims<T> &D) {
-  return D.n * D.m + 2 * D.n * D.c() + 2 * D.m * D.c();
+int64_t forward_ws(const Dims<T> &D, int64_t chunks) {
+  return D.n * D.m + 2 * D.n * D.c() + 2 * D.m * D.c() + (chunks - 1) * D.m;
 }
 
 template <typename T>
@@ -224,12 +277,13 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
                    T *y, const Saved<T> &S, T *ws) {
   const int64_t n = D.n, m = D.m, d = D.d, c = D.c(), iters = D.iters;
   T *K = ws, *X4 = K + n * m, *Y5 = X4 + n * c, *Z4 = Y5 + n * c,
-    *X5 = Z4 + m * c;
+    *X5 = Z4 + m * c, *part = X5 + m * c;
   const T inv_n = T(1) / n, inv_m = T(1) / m;
+  const Rows R(n);
   std::fill(S.b, S.b + m, T(1));
   // the kernel, u_0 = K 1 and, on the hot rows, Sinkhorn's first step
   if (iters > 0)
-    build_kernel(qf, rf, n, m, D.dp, K, S.u, S.a, S.s);
+    build_kernel(qf, rf, n, m, D.dp, K, S.u, S.a, S.s, part);
   else
     build_kernel(qf, rf, n, m, D.dp, K, S.u);
   // Sinkhorn: step t reads K once: u_t = K b_t (row), a_t, s_t += a_t K
@@ -238,13 +292,17 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     if (t > 0) {
       const T *b = S.b + t * m;
       T *u = S.u + t * n, *a = S.a + t * n;
-      std::fill(s, s + m, T(0));
-      for (int64_t i = 0; i < n; ++i) {
-        const T *row = K + i * m;
-        u[i] = dot(row, b, m);
-        a[i] = safe_div(inv_n, u[i]);
-        axpy(a[i], row, s, m);
-      }
+      R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+        T *sc = R.partial(s, part, ch, m);
+        std::fill(sc, sc + m, T(0));
+        for (int64_t i = r0; i < r1; ++i) {
+          const T *row = K + i * m;
+          u[i] = dot(row, b, m);
+          a[i] = safe_div(inv_n, u[i]);
+          axpy(a[i], row, sc, m);
+        }
+      });
+      R.reduce(s, part, m);
     }
     T *b_next = S.b + (t + 1) * m;
     for (int64_t j = 0; j < m; ++j) b_next[j] = safe_div(inv_m, s[j]);
@@ -252,7 +310,9 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   const T *b = S.b + iters * m;
   T *u = S.u + iters * n, *a = S.a + iters * n;
   if (iters > 0)
-    for (int64_t i = 0; i < n; ++i) u[i] = dot(K + i * m, b, m);
+    R.run([&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) u[i] = dot(K + i * m, b, m);
+    });
   T a_top = std::numeric_limits<T>::min(), b_top = a_top;
   for (int64_t i = 0; i < n; ++i) {
     a[i] = safe_div(inv_n, u[i]);
@@ -268,6 +328,7 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     for (int64_t k = 0; k < d; ++k) X4[i * c + k] = ah * v[i * d + k];
     X4[i * c + d] = ah;
   }
+  // (outside a parallel region, BLAS spreads these over the pool itself)
   mm<T>(true, false, m, c, n, T(1), K, m, X4, c, T(0), Z4, c);
   std::fill(X5, X5 + m * c, T(0));
   for (int64_t j = 0; j < m; ++j) {
@@ -295,10 +356,11 @@ int64_t grad_rows(const Dims<T> &D) {
 }
 
 template <typename T>
-int64_t backward_ws(const Dims<T> &D) {
+int64_t backward_ws(const Dims<T> &D, int64_t chunks) {
   const int64_t r = D.rank(), c = D.c();
   return D.n * D.m + D.n * r + D.m * r + D.n * c + D.m * c +
-         grad_rows(D) * D.m + 3 * D.m;
+         chunks * grad_rows(D) * D.m + 3 * D.m +
+         (chunks - 1) * D.m * std::max<int64_t>(D.dp, 1);
 }
 
 // Gradients of one slice.  dL/dK is gathered as U V^T, one rank-(d+1) term
@@ -310,10 +372,11 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
                     T *grf, T *gv, T *ws) {
   const int64_t n = D.n, m = D.m, dp = D.dp, d = D.d, c = D.c(),
                 iters = D.iters, r = D.rank();
-  T *K = ws, *U = K + n * m, *Vf = U + n * r, *gX4 = Vf + m * r,
-    *gX5 = gX4 + n * c, *G = gX5 + m * c;
+  const Rows R(n);
   const int64_t rows = grad_rows(D);
-  T *gb = G + rows * m, *gb_next = gb + m, *gs = gb_next + m;
+  T *K = ws, *U = K + n * m, *Vf = U + n * r, *gX4 = Vf + m * r,
+    *gX5 = gX4 + n * c, *G = gX5 + m * c, *gb = G + R.chunks * rows * m,
+    *gb_next = gb + m, *gs = gb_next + m, *part = gs + m;
   build_kernel(qf, rf, n, m, dp, K, static_cast<T *>(nullptr));
   std::fill(U, U + n * r, T(0));
   std::fill(Vf, Vf + m * r, T(0));
@@ -367,7 +430,13 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     U[i * r + cT] = safe_div_grad(gah / a_top, a_T[i], u_T[i]);
   }
   for (int64_t j = 0; j < m; ++j) Vf[j * r + cT] = b_T[j];
-  for (int64_t i = 0; i < n; ++i) axpy(U[i * r + cT], K + i * m, gb, m);
+  // gb += K^T gu_T (gb holds the aggregation's part: chunk 0 adds to it)
+  R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+    T *gc = R.partial(gb, part, ch, m);
+    if (ch > 0) std::fill(gc, gc + m, T(0));
+    for (int64_t i = r0; i < r1; ++i) axpy(U[i * r + cT], K + i * m, gc, m);
+  });
+  R.reduce(gb, part, m);
   // Sinkhorn in reverse; step t: b_{t+1} = 1 / (m s_t), s_t = K^T a_t,
   // a_t = 1 / (n u_t), u_t = K b_t.  One fused row sweep per step.
   for (int64_t t = iters - 1; t >= 0; --t) {
@@ -379,31 +448,40 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
       Vf[j * r + ca] = gs[j];
       Vf[j * r + cu] = b_t[j];
     }
-    if (t > 0) std::fill(gb_next, gb_next + m, T(0));
-    for (int64_t i = 0; i < n; ++i) {
-      const T *row = K + i * m;
-      const T gu = safe_div_grad(dot(row, gs, m), a_t[i], u_t[i]);
-      U[i * r + ca] = a_t[i];
-      U[i * r + cu] = gu;
-      if (t > 0) axpy(gu, row, gb_next, m);
-    }
+    R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+      T *gc = R.partial(gb_next, part, ch, m);
+      if (t > 0) std::fill(gc, gc + m, T(0));
+      for (int64_t i = r0; i < r1; ++i) {
+        const T *row = K + i * m;
+        const T gu = safe_div_grad(dot(row, gs, m), a_t[i], u_t[i]);
+        U[i * r + ca] = a_t[i];
+        U[i * r + cu] = gu;
+        if (t > 0) axpy(gu, row, gc, m);
+      }
+    });
+    if (t > 0) R.reduce(gb_next, part, m);
     std::swap(gb, gb_next);
   }
   // dL/dlogK, then through logK = qf rf^T
   const T floor_ = std::exp(static_cast<T>(-kLogFloor));
-  for (int64_t i0 = 0; i0 < n; i0 += rows) {
-    const int64_t nb = std::min(rows, n - i0);
-    mm<T>(false, true, nb, m, r, T(1), U + i0 * r, r, Vf, r, T(0), G, m);
-    const T *Kb = K + i0 * m;
-    for (int64_t e = 0; e < nb * m; ++e)
-      G[e] = Kb[e] > floor_ ? G[e] * Kb[e] : T(0);
-    if (gqf)
-      mm<T>(false, false, nb, dp, m, T(1), G, m, rf, dp, T(0),
-            gqf + i0 * dp, dp);
-    if (grf)
-      mm<T>(true, false, m, dp, nb, T(1), G, m, qf + i0 * dp, dp,
-            i0 == 0 ? T(0) : T(1), grf, dp);
-  }
+  R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+    T *Gc = G + ch * rows * m, *grc = R.partial(grf, part, ch, m * dp);
+    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
+      const int64_t nb = std::min(rows, r1 - i0);
+      mm<T>(false, true, nb, m, r, T(1), U + i0 * r, r, Vf, r, T(0), Gc, m);
+      const T *Kb = K + i0 * m;
+      for (int64_t e = 0; e < nb * m; ++e)
+        Gc[e] = Kb[e] > floor_ ? Gc[e] * Kb[e] : T(0);
+      if (gqf)
+        mm<T>(false, false, nb, dp, m, T(1), Gc, m, rf, dp, T(0),
+              gqf + i0 * dp, dp);
+      if (grf)
+        mm<T>(true, false, m, dp, nb, T(1), Gc, m, qf + i0 * dp, dp,
+              i0 == r0 ? T(0) : T(1), grc, dp);
+    }
+    if (grf && r0 == r1) std::fill(grc, grc + m * dp, T(0));
+  });
+  if (grf) R.reduce(grf, part, m * dp);
 }
 
 void check(const torch::Tensor &t, const char *name, int64_t dim) {
@@ -413,19 +491,26 @@ void check(const torch::Tensor &t, const char *name, int64_t dim) {
 }
 
 // Slices run in parallel, a contiguous range per thread, each thread in its
-// own workspace of ws_elems.
-template <typename T, typename F>
-void for_slices(int64_t S, int64_t ws_elems, const torch::Tensor &like,
-                F &&fn) {
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(S, at::get_num_threads()));
-  auto ws = torch::empty({threads, ws_elems}, like.options());
+// own workspace; with fewer slices than threads they run one after the
+// other, each over the whole pool (see Rows).  ws_elems(chunks) is a
+// slice's workspace.
+template <typename T, typename W, typename F>
+void for_slices(int64_t S, W &&ws_elems, const torch::Tensor &like, F &&fn) {
+  const int64_t threads = at::get_num_threads();
+  if (S < threads && !at::in_parallel_region()) {
+    at::Tensor ws = torch::empty({ws_elems(threads)}, like.options());
+    for (int64_t s = 0; s < S; ++s) fn(s, ws.data_ptr<T>());
+    return;
+  }
+  const int64_t workers = std::max<int64_t>(1, std::min(S, threads)),
+                per_ws = ws_elems(1);
+  at::Tensor ws = torch::empty({workers, per_ws}, like.options());
   T *base = ws.data_ptr<T>();
-  const int64_t per = (S + threads - 1) / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t th = begin; th < end; ++th)
-      for (int64_t s = th * per; s < std::min(S, (th + 1) * per); ++s)
-        fn(s, base + th * ws_elems);
+  const int64_t per = (S + workers - 1) / workers;
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w)
+      for (int64_t s = w * per; s < std::min(S, (w + 1) * per); ++s)
+        fn(s, base + w * per_ws);
   });
 }
 
@@ -468,7 +553,8 @@ std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
     const Dims<T> D{n, m, dp, d, iters};
     const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(), *vp = v.data_ptr<T>();
     T *yp = y.data_ptr<T>();
-    for_slices<T>(S, forward_ws(D), qf, [&](int64_t s, T *ws) {
+    auto ws_elems = [&](int64_t ch) { return forward_ws(D, ch); };
+    for_slices<T>(S, ws_elems, qf, [&](int64_t s, T *ws) {
       forward_slice(D, q + s * n * dp, r + (s % H) * m * dp, vp + s * n * d,
                     yp + s * n * d, saved_of<T>(s, n, m, d, iters, saved),
                     ws);
@@ -505,7 +591,8 @@ std::vector<torch::Tensor> set_backward(
             *gyp = gy.data_ptr<T>();
     T *gq = need_qf ? gqf.data_ptr<T>() : nullptr,
       *gr = need_rf ? grf.data_ptr<T>() : nullptr, *gvp = gv.data_ptr<T>();
-    for_slices<T>(S, backward_ws(D), qf, [&](int64_t s, T *ws) {
+    auto ws_elems = [&](int64_t ch) { return backward_ws(D, ch); };
+    for_slices<T>(S, ws_elems, qf, [&](int64_t s, T *ws) {
       backward_slice(D, q + s * n * dp, r + (s % H) * m * dp,
                      vp + s * n * d, yp + s * n * d, gyp + s * n * d,
                      saved_of<T>(s, n, m, d, iters, saved),
