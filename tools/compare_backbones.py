@@ -596,12 +596,19 @@ def plot(state: dict, agg: dict, path: str) -> None:
             ax.errorbar(i, st['mean'], yerr=0 if st['n'] < 2 else st['std'],
                         fmt='o', color=f'C{i % 10}', capsize=5, ms=7,
                         zorder=2)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha='right',
+        ref = agg[task].get(REFERENCE, {}).get('values', {}).get(key)
+        if ref:
+            ax.axhline(mean_std(ref)['mean'], ls='--', lw=0.8, color='C0',
+                       zorder=1)
+        ticks = [f'{n} (n={len(agg[task][n]["values"].get(key, []))})'
+                 for n in names]
+        ax.set_xticks(range(len(names)), ticks, rotation=35, ha='right',
                       fontsize=8)
         ax.set_title(f'{task}: {label}', fontsize=9)
         ax.grid(alpha=0.3, axis='y')
-    fig.suptitle('Backbones at equal budget on the shapes dataset '
-                 '(dots: seeds; markers: mean ± std)', fontsize=9)
+    fig.suptitle('Backbones at equal budget on the shapes dataset (dots: '
+                 'seeds; markers: mean ± std; dashed: SeTformer T = 3)',
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
