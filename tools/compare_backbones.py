@@ -681,8 +681,28 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     work_dir = osp.abspath(args.work_dir)
     state_path = osp.join(work_dir, 'state.json')
-    state = load_state(state_path)
     out_dir = osp.abspath(args.out)
+    lock = None
+    if not (args.dry_run or args.report_only):
+        # one matrix per work dir at a time; the state is read under the
+        # lock, so it is the latest
+        import fcntl
+        os.makedirs(work_dir, exist_ok=True)
+        lock = open(osp.join(work_dir, '.lock'), 'w')
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SystemExit(f'another compare_backbones is running on '
+                             f'{work_dir}')
+    try:
+        return _main(args, work_dir, state_path, out_dir)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _main(args, work_dir: str, state_path: str, out_dir: str) -> int:
+    state = load_state(state_path)
     if args.report_only:
         if not state['runs']:
             raise SystemExit(f'no runs recorded in {state_path}')
@@ -705,8 +725,6 @@ def main(argv=None) -> int:
             if state['runs'].get(run_key(*r), {}).get('status') != 'done']
     eta = sum(estimate_run(state, t, v, budgets[t]) for t, v, _ in todo)
     logfile = None if args.dry_run else osp.join(work_dir, 'progress.log')
-    if not args.dry_run:
-        os.makedirs(work_dir, exist_ok=True)
     _log(f'matrix: {len(args.tasks)} task(s) x {len(args.variants)} '
          f'variant(s) x {len(args.seeds)} seed(s) = {len(plan)} runs; '
          f'{len(plan) - len(todo)} recorded in {state_path}, {len(todo)} to '
@@ -722,14 +740,6 @@ def main(argv=None) -> int:
             print(f'  {run_key(t, v, s):32s} {what}')
         return 0
 
-    # one matrix per work dir at a time
-    import fcntl
-    lock = open(osp.join(work_dir, '.lock'), 'w')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SystemExit(f'another compare_backbones is running on '
-                         f'{work_dir}')
     old_term = signal.signal(signal.SIGTERM, _on_term)
     failed = []
     try:
@@ -780,7 +790,6 @@ def main(argv=None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        lock.close()
     if state['runs']:
         write_report(state, out_dir, pending=_pending(state, plan))
     _log(f'report: {out_dir}/accuracy.md (.json, .png)' +
