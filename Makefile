@@ -1,7 +1,7 @@
 # The two commands of the README, plus the pieces they are made of.
 PY := .venv/bin/python
 
-.PHONY: install test demo demo-seg lint bench
+.PHONY: install test demo demo-seg lint bench compare
 
 install:
 	bash tools/install.sh
@@ -21,3 +21,6 @@ lint: install
 
 bench: install
 	$(PY) tools/benchmark.py
+
+compare: install
+	$(PY) tools/compare_backbones.py
