@@ -61,10 +61,14 @@ def _export(trained, task, fmt, tmp_path, *extra):
 ])
 def test_export_matches_pytorch_at_another_size(trained, tmp_path, capsys,
                                                 task, fmt, outputs):
-    # (torch.export programs require H, W >= 33: 1 x 1 maps at stride 32
-    # are specialised away)
-    code, out = _export(trained, task, fmt, tmp_path, '--check-shape',
-                        *(('80', '48') if fmt == 'pt2' else ('32', '160')))
+    # torch.export programs require H, W >= 33 (1 x 1 maps at stride 32
+    # are specialised away); tracing one Sinkhorn iteration instead of
+    # three keeps torch.export's symbolic-shape work (~3/4 of the time) down
+    extra = ['--check-shape', '32', '160']
+    if fmt == 'pt2':
+        extra = ['--check-shape', '80', '48', '--cfg-options',
+                 'model.backbone.num_iters=1']
+    code, out = _export(trained, task, fmt, tmp_path, *extra)
     log = capsys.readouterr().out
     assert code == 0, log
     meta = json.load(open(osp.splitext(out)[0] + '.json'))

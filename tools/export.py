@@ -38,8 +38,8 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split('\n\n', 1)[1])
     p.add_argument('config')
-    p.add_argument('checkpoint', help="trained weights ('none': the "
-                   'untrained model, for trying the export)')
+    p.add_argument('checkpoint', help="trained weights ('none': random "
+                   'weights, for trying the export)')
     p.add_argument('--format', choices=sorted(FORMATS), default='onnx')
     p.add_argument('--what', choices=['model', 'backbone'], default=None,
                    help='whole model (classifiers, segmentors; default '
@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     scope = cfg.get('default_scope', 'mmdet')
     what = args.what or export_targets(scope)[0]
     ckpt = None if args.checkpoint.lower() == 'none' else args.checkpoint
+    if ckpt is None:  # trying the export: random weights throughout
+        cfg.model.get('backbone', {}).pop('init_cfg', None)
     torch.manual_seed(0)
     model = init_model(cfg, ckpt, device='cpu')
     try:
