@@ -113,18 +113,25 @@ def select_weights(ckpt, prefix: Optional[str] = None) -> Dict:
     return out
 
 
-_OUT_NORM = re.compile(r'(^|\.)norm\d+\.(weight|bias)$')
+# the backbone's per-stage output norms (not the blocks' norm1/norm2)
+_OUT_NORM = re.compile(r'^backbone\.norm\d+\.(weight|bias)$')
 
 
 def checkpoint_filter_fn(state_dict, model: nn.Module) -> Dict:
     """timm's filter: map a SeTformer checkpoint onto ``model``'s keys.
 
-    A classifier checkpoint has only the last stage's output norm; the
-    others (used by ``features_only``) keep ``model``'s initial values, so
-    the strict load of ``timm.create_model(pretrained=True)`` succeeds.
+    Output norms are per stage, and a model owns those of the stages it
+    returns: a classifier checkpoint has the last stage's only, the others
+    (used by ``features_only``) keep ``model``'s initial values; the norms
+    of a detector's or segmentor's backbone that ``model`` does not have
+    are dropped. So the strict load of ``timm.create_model(pretrained=True)``
+    succeeds either way.
     """
     out = select_weights(state_dict)
-    for k, v in model.state_dict().items():
+    own = model.state_dict()
+    for k in [k for k in out if _OUT_NORM.search(k) and k not in own]:
+        del out[k]
+    for k, v in own.items():
         if k not in out and _OUT_NORM.search(k):
             out[k] = v
     return out

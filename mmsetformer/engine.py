@@ -13,7 +13,8 @@ from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 
 __all__ = [
     'CPUDistributedDataParallel', 'CPUAmpOptimWrapper', 'RandomStateHook',
-    'ExactResumeEpochBasedTrainLoop', 'ExactResumeIterBasedTrainLoop'
+    'ExactResumeEpochBasedTrainLoop', 'ExactResumeIterBasedTrainLoop',
+    'CompileBackboneHook'
 ]
 
 
@@ -89,6 +90,37 @@ class RandomStateHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if runner._resume and 'rng_state' in checkpoint:
             setattr(runner, _RNG_ATTR, checkpoint['rng_state'])
+
+
+@HOOKS.register_module()
+class CompileBackboneHook(Hook):
+    """``torch.compile`` the model's backbone before the run (train, val
+    and test alike); ``compile_cfg`` goes to ``torch.compile`` (backend,
+    mode, dynamic, ...).
+
+    This is what the tools make of mmengine's ``compile`` config key:
+    mmengine 0.10.7 compiles the whole ``train_step``, optimizer step
+    included, which dynamo fails on with torch 2.14
+    (``InternalTorchDynamoError`` in ``OptimWrapper.step``), and never the
+    test step. The backbone is where the compute is, and it compiles whole.
+    """
+    priority = 'VERY_HIGH'
+
+    def __init__(self, compile_cfg: Optional[dict] = None):
+        self.compile_cfg = dict(compile_cfg or {})
+
+    def before_run(self, runner) -> None:
+        from mmengine.model import is_model_wrapper
+        model = runner.model
+        while is_model_wrapper(model) or (
+                not hasattr(model, 'backbone') and hasattr(model, 'module')):
+            model = model.module  # DDP, TTA model
+        target = getattr(model, 'backbone', model)
+        target.compile(**self.compile_cfg)
+        print_log(f'torch.compile: {type(target).__name__} compiled with '
+                  f'{self.compile_cfg or "default options"} (the first '
+                  'iterations of each input shape and mode are slow)',
+                  logger='current')
 
 
 def _pop_rng_state(runner) -> Optional[dict]:

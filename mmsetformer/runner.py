@@ -25,6 +25,11 @@ def add_common_args(parser) -> None:
         'train_dataloader.batch_size=4 model.backbone.init_cfg=None)')
     parser.add_argument('--skip-data-check', action='store_true',
                         help='do not check the dataset files before start')
+    parser.add_argument(
+        '--compile', action='store_true',
+        help='torch.compile the backbone (sets the config key `compile`; '
+        'torch.compile options with --cfg-options compile.backend=... '
+        'compile.mode=...)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm',
                                                'mpi'], default='none')
     # torch.distributed.launch passes --local-rank (torchrun sets the env)
@@ -41,6 +46,9 @@ def _common(cfg: Config, args) -> Config:
     cfg.launcher = args.launcher
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    if args.compile and not cfg.get('compile'):
+        cfg.compile = True
+    _compile_hook(cfg)
     # work_dir: CLI > config > ./work_dirs/<config name>
     if args.work_dir:
         cfg.work_dir = args.work_dir
@@ -81,6 +89,24 @@ def _init_cpu_distributed(cfg: Config, launcher: str) -> None:
         timeout = dist_cfg.get('timeout', 1800)
         dist.init_process_group(backend=dist_cfg['backend'],
                                 timeout=timedelta(seconds=timeout))
+
+
+def _compile_hook(cfg: Config) -> None:
+    """mmengine's ``compile`` key (``True`` or torch.compile options)
+    becomes a :class:`CompileBackboneHook`: mmengine itself would compile
+    the whole train step, optimizer included, which fails (see the hook)."""
+    compile_cfg = cfg.pop('compile', None)
+    if not compile_cfg:
+        return
+    if compile_cfg is True:
+        compile_cfg = {}
+    if not isinstance(compile_cfg, dict):
+        raise TypeError('compile must be True or a dict of torch.compile '
+                        f'options, got {compile_cfg!r}')
+    hooks = list(cfg.get('custom_hooks') or [])
+    hooks.append(dict(type='CompileBackboneHook',
+                      compile_cfg=dict(compile_cfg)))
+    cfg.custom_hooks = hooks
 
 
 _EXACT_LOOPS = {

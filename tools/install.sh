@@ -24,7 +24,8 @@ TORCH_PIN="torch==2.14.1 torchvision==0.29.1"
 MMENGINE_PIN="mmengine==0.10.7"
 MMCV_PIN="mmcv==2.1.0"
 DOWNSTREAM_PINS="mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0 timm>=1.0,<2 pycocotools>=2.0.7 ftfy regex"
-TEST_PINS="pytest>=7 hypothesis>=6 matplotlib>=3.7 scipy flake8 isort"
+# onnx + onnxruntime: tools/export.py's check (tests/test_deploy.py)
+TEST_PINS="pytest>=7 hypothesis>=6 matplotlib>=3.7 scipy flake8 isort onnx>=1.16 onnxruntime>=1.18"
 
 say() { printf '[install %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 # pip warns about every file:// index it cannot list on this machine kind.

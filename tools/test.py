@@ -4,6 +4,7 @@
     python tools/test.py configs/mask_rcnn_setformer_t_3x.py CKPT
     python tools/test.py configs/upernet_setformer_t_160k.py CKPT --tta  # MS
     tools/dist_test.sh configs/upernet_setformer_t_160k.py CKPT 8
+    python tools/test.py CONFIG CKPT --compile   # torch.compile the model
 """
 import argparse
 import json

@@ -5,6 +5,7 @@ config's ``default_scope``) with mmengine's Runner.
     tools/dist_train.sh configs/mask_rcnn_setformer_t_3x.py 8
     python tools/train.py CONFIG --resume            # latest in work_dir
     python tools/train.py CONFIG --resume work_dirs/x/iter_2000.pth
+    python tools/train.py CONFIG --compile   # torch.compile the train step
 """
 import argparse
 import os.path as osp

@@ -1,15 +1,56 @@
 """SeTAttention: the SeT operator as a multi-head attention layer."""
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import nn
 
-from ..ops import grid_positions, reference_grid, set_attention, transport_plan
+from ..ops import (grid_positions, kernel_workspace, reference_grid,
+                   set_attention, transport_plan)
 
 # Most elongated reference grid accepted for a 2-D map (g_w / g_h).
 MAX_GRID_ASPECT = 4
+
+NOT_SCRIPTABLE = (
+    'SeTformer cannot be compiled with torch.jit.script: the SeT operator is '
+    'a torch.autograd.Function with a hand-written backward, which '
+    'TorchScript does not support. Use torch.jit.trace, torch.export, '
+    'torch.onnx.export (tools/export.py) or torch.compile instead.')
+
+
+def set_op(q: torch.Tensor, v: torch.Tensor, refs: torch.Tensor,
+           ref_pos: Optional[torch.Tensor], hw_shape, eps: float,
+           num_iters: int, sigma: float) -> torch.Tensor:
+    """The SeT operator of one layer on an ``H x W`` token map (the token
+    positions for the LPE are built here; ``ref_pos=None``: no LPE).
+
+    A leaf of ``torch.fx`` tracing (``torch.fx.wrap``): symbolic tracing,
+    torchvision's and timm's fx feature extraction record one call of it per
+    layer instead of tracing the operator's shape checks and autograd
+    function, and the traced graph runs it unchanged.
+    """
+    pos = None
+    if ref_pos is not None:
+        pos = (grid_positions(hw_shape[0], hw_shape[1],
+                              device=ref_pos.device), ref_pos)
+    return set_attention(q, v, refs, eps=eps, num_iters=num_iters, pos=pos,
+                         sigma=sigma)
+
+
+torch.fx.wrap('set_op')
+
+
+def shared_kernel_workspace():
+    """``ops.kernel_workspace()`` for a forward pass of SeT layers, or no
+    context under ``torch.compile``: dynamo cannot guard the thread-local
+    workspace (it fails on "Guard failed on the same frame it was created"
+    with torch 2.14), and compiled code does not use it anyway."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return kernel_workspace()
 
 
 def check_num_refs(num_refs, ref_grid: Optional[Sequence[int]] = None,
@@ -111,9 +152,16 @@ class SeTAttention(BaseModule):
                 f'sigma={self.sigma if self.use_lpe else None}, '
                 f'T={self.num_iters}')
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling:
+        # fail with the reason and the alternatives, not a parser error
+        raise RuntimeError(NOT_SCRIPTABLE)
+
     def _split(self, x: torch.Tensor, hw_shape):
         B, n, C = x.shape
-        if C != self.embed_dims or n != hw_shape[0] * hw_shape[1]:
+        # (under fx tracing the shapes are symbolic; set_op checks them)
+        if not isinstance(x, torch.fx.Proxy) and (
+                C != self.embed_dims or n != hw_shape[0] * hw_shape[1]):
             raise ValueError(f'expected x of shape (B, {hw_shape[0]}*'
                              f'{hw_shape[1]}, {self.embed_dims}), got '
                              f'{tuple(x.shape)}')
@@ -137,9 +185,8 @@ class SeTAttention(BaseModule):
     def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
         """x: (B, n, C) tokens of an H x W map (``hw_shape``) -> (B, n, C)."""
         q, v = self._split(x, hw_shape)
-        y = set_attention(
-            q, v, self.refs, eps=self.eps, num_iters=self.num_iters,
-            pos=self._pos(hw_shape), sigma=self.sigma)
+        y = set_op(q, v, self.refs, self.ref_pos if self.use_lpe else None,
+                   hw_shape, self.eps, self.num_iters, self.sigma)
         y = y.transpose(1, 2).reshape(x.shape)
         return self.proj_drop(self.proj(y))
 

@@ -7,16 +7,17 @@ from copy import deepcopy
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops import kernel_workspace
-from .set_attention import SeTAttention, check_num_refs
+from .set_attention import (SeTAttention, check_num_refs,
+                            shared_kernel_workspace)
 
-__all__ = ['SeTformer', 'LayerNorm2d']
+__all__ = ['SeTformer', 'LayerNorm2d', 'StageNorm']
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -26,6 +27,16 @@ class LayerNorm2d(nn.LayerNorm):
         x = x.permute(0, 2, 3, 1)
         x = super().forward(x)
         return x.permute(0, 3, 1, 2)
+
+
+class StageNorm(nn.LayerNorm):
+    """LayerNorm of a stage's tokens, returned as the stage's NCHW map (a
+    module per output, so fx feature extraction can name the maps)."""
+
+    def forward(self, tokens: torch.Tensor, hw_shape) -> torch.Tensor:
+        x = super().forward(tokens)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, hw_shape[0],
+                                         hw_shape[1]).contiguous()
 
 
 _CONV_NORMS = {
@@ -44,25 +55,55 @@ def _conv_norm(norm_cfg: dict, channels: int) -> nn.Module:
     return _CONV_NORMS[kind](channels, **cfg)
 
 
+def _conv2d(x: torch.Tensor, weight: torch.Tensor,
+            bias: Optional[torch.Tensor], stride, padding, dilation,
+            groups: int) -> torch.Tensor:
+    """``F.conv2d`` that sidesteps a PyTorch CPU bug: in bfloat16, a strided
+    conv whose output is one column wide (input width <= stride) returns
+    wrong outputs (for taller maps) and garbage weight gradients (1e30 or
+    NaN), as measured with torch 2.14's oneDNN kernels. Such maps run in
+    fp32; everything else is untouched. (The dtype is tested before the
+    width, so exporters with a dynamic width see no guard on it.)"""
+    if x.device.type == 'cpu' and (
+            x.dtype == torch.bfloat16 or
+            (torch.is_autocast_enabled('cpu')
+             and torch.get_autocast_dtype('cpu') == torch.bfloat16)) \
+            and x.shape[-1] <= stride[1]:
+        with torch.autocast('cpu', enabled=False):
+            y = F.conv2d(x.float(), weight.float(),
+                         None if bias is None else bias.float(), stride,
+                         padding, dilation, groups)
+        return y.to(weight.dtype)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _check_images(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """``x`` if it is a float (B, in_channels, H >= 1, W >= 1) batch."""
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            'SeTformer expects a 4-D float image batch (B, C, H, W), got ' +
+            (f'{x.dim()}-D {x.dtype}' if torch.is_tensor(x) else
+             type(x).__name__))
+    if x.shape[1] != in_channels:
+        raise ValueError(f'SeTformer expects {in_channels} input '
+                         f'channels, got {x.shape[1]}')
+    if min(x.shape[-2:]) < 1:
+        raise ValueError(f'empty image of size {tuple(x.shape[-2:])}')
+    return x
+
+
+# Leaves of torch.fx tracing: their checks on shapes and dtypes run in the
+# traced graph instead of failing on symbolic values.
+torch.fx.wrap('_conv2d')
+torch.fx.wrap('_check_images')
+
+
 class _Conv2d(nn.Conv2d):
-    """Conv2d that sidesteps a PyTorch CPU bug: in bfloat16, a strided conv
-    whose output is one column wide (input width <= stride) returns wrong
-    outputs (for taller maps) and garbage weight gradients (1e30 or NaN),
-    as measured with torch 2.14's oneDNN kernels. Such maps run in fp32;
-    everything else is untouched."""
+    """Conv2d through :func:`_conv2d` (the CPU bfloat16 fix)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] <= self.stride[1] and x.device.type == 'cpu' and (
-                x.dtype == torch.bfloat16 or
-                (torch.is_autocast_enabled('cpu')
-                 and torch.get_autocast_dtype('cpu') == torch.bfloat16)):
-            with torch.autocast('cpu', enabled=False):
-                bias = None if self.bias is None else self.bias.float()
-                y = F.conv2d(x.float(), self.weight.float(), bias,
-                             self.stride, self.padding, self.dilation,
-                             self.groups)
-            return y.to(self.weight.dtype)
-        return super().forward(x)
+        return _conv2d(x, self.weight, self.bias, self.stride, self.padding,
+                       self.dilation, self.groups)
 
 
 def _conv_down(in_ch: int, out_ch: int, norm_cfg: dict) -> nn.Sequential:
@@ -118,7 +159,8 @@ class SeTBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
-        if self.with_cp and x.requires_grad:
+        if self.with_cp and not isinstance(x, torch.fx.Proxy) \
+                and x.requires_grad:
             return cp.checkpoint(self._forward, x, hw_shape,
                                  use_reentrant=False)
         return self._forward(x, hw_shape)
@@ -250,7 +292,7 @@ class SeTformer(BaseModule):
                          mlp_ratio=arch['mlp_ratio'], drop_rate=drop_rate,
                          with_cp=with_cp, **set_cfg))
         for i in self.out_indices:
-            self.add_module(f'norm{i}', nn.LayerNorm(dims[i]))
+            self.add_module(f'norm{i}', StageNorm(dims[i]))
         self.apply(self._init_module)
         self._freeze_stages()
 
@@ -358,25 +400,13 @@ class SeTformer(BaseModule):
 
     # -- forward ------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        if not torch.is_tensor(x) or x.dim() != 4 \
-                or not x.is_floating_point():
-            raise ValueError(
-                'SeTformer expects a 4-D float image batch (B, C, H, W), got '
-                + (f'{x.dim()}-D {x.dtype}' if torch.is_tensor(x)
-                   else type(x).__name__))
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f'SeTformer expects {self.in_channels} input '
-                             f'channels, got {x.shape[1]}')
-        if min(x.shape[-2:]) < 1:
-            raise ValueError(f'empty image of size {tuple(x.shape[-2:])}')
-        x = self.stem(x)
+        x = self.stem(_check_images(x, self.in_channels))
         outs = []
-        with kernel_workspace():
+        with shared_kernel_workspace():
             for i, stage in enumerate(self.stages):
                 tokens, hw_shape = stage(x)
-                x = tokens.transpose(1, 2).reshape(x.shape[0], -1, *hw_shape)
+                x = tokens.transpose(1, 2).reshape(x.shape[0], -1,
+                                                   hw_shape[0], hw_shape[1])
                 if i in self.out_indices:
-                    out = getattr(self, f'norm{i}')(tokens)
-                    outs.append(
-                        out.transpose(1, 2).reshape(x.shape).contiguous())
+                    outs.append(getattr(self, f'norm{i}')(tokens, hw_shape))
         return tuple(outs)
