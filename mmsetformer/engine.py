@@ -1,4 +1,5 @@
 """mmengine pieces for CPU-only hosts and exact resumption."""
+import logging
 import random
 from typing import Optional
 
@@ -21,9 +22,20 @@ __all__ = [
 @MODEL_WRAPPERS.register_module()
 class CPUDistributedDataParallel(MMDistributedDataParallel):
     """mmengine's DDP wrapper for CPU processes: mmengine passes the local
-    rank as a GPU id, which DDP refuses for CPU modules."""
+    rank as a GPU id, which DDP refuses for CPU modules; and torch's
+    ``SyncBatchNorm`` runs on accelerators only, so on the CPU the
+    ``SyncBN`` layers of a config (Cascade's heads, say) become plain
+    ``BatchNorm`` (per-process statistics), with a warning."""
 
     def __init__(self, module, device_ids=None, **kwargs):
+        if any(isinstance(m, torch.nn.SyncBatchNorm)
+               for m in module.modules()):
+            from mmengine.model import revert_sync_batchnorm
+            print_log('SyncBatchNorm needs an accelerator: on the CPU its '
+                      'layers run as BatchNorm, each process with its own '
+                      'batch statistics', logger='current',
+                      level=logging.WARNING)
+            module = revert_sync_batchnorm(module)
         super().__init__(module=module, device_ids=None, **kwargs)
 
 

@@ -471,3 +471,24 @@ def test_killed_worker_ends_the_run_instead_of_hanging(shapes, tmp_path):
     assert proc.returncode != 0
     assert elapsed < 60, elapsed  # torchrun's agent stops the survivor
     assert 'Signals.SIGKILL' in rest or 'exitcode' in rest
+
+
+def test_cpu_ddp_wrapper_runs_syncbn_configs_as_batchnorm(monkeypatch):
+    """Cascade's heads use SyncBN, which torch runs on accelerators only:
+    on the CPU the wrapper turns it into BatchNorm instead of failing."""
+    import torch.distributed as dist
+
+    from mmsetformer.engine import CPUDistributedDataParallel
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', '29533')
+    dist.init_process_group('gloo', rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3),
+                                    torch.nn.SyncBatchNorm(4))
+        ddp = CPUDistributedDataParallel(model)
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm)
+                       for m in ddp.modules())
+        ddp(torch.randn(2, 3, 8, 8)).sum().backward()
+        assert all(p.grad is not None for p in ddp.parameters())
+    finally:
+        dist.destroy_process_group()
