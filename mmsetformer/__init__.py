@@ -3,12 +3,15 @@
 ``import mmsetformer`` registers ``SeTformer`` in the MODELS registry of each
 installed OpenMMLab library and the ``setformer_{m,t,s,b}`` timm models.
 """
-from . import engine  # noqa: F401  (CPU-capable mmengine wrappers)
-from .checkpoint import register_safe_globals
-from .models import SeTAttention, SeTformer
-from .ops import set_attention, transport_plan
-from .registry import register_all
-from .version import __version__
+from .compat import mmpretrain_without_broken_multimodal
+
+mmpretrain_without_broken_multimodal()  # before anything imports mmpretrain
+from . import engine  # noqa: E402,F401  (CPU-capable mmengine wrappers)
+from .checkpoint import register_safe_globals  # noqa: E402
+from .models import SeTAttention, SeTformer  # noqa: E402
+from .ops import set_attention, transport_plan  # noqa: E402
+from .registry import register_all  # noqa: E402
+from .version import __version__  # noqa: E402
 
 register_safe_globals()
 register_all()

@@ -60,3 +60,226 @@ def test_tf32_error_is_reported(precision, monkeypatch, capsys):
     err = (y.double().cpu() - ref).abs().max().item()
     print(f'{precision}: max |y - y_float64| = {err:.2e}')
     assert torch.isfinite(y).all()
+
+
+# -- the Triton kernels on the GPU: the CPU suite's cases and extremes ------
+def _cuda(ts):
+    return [t.detach().cuda().requires_grad_() for t in ts]
+
+
+def _grads_of(backend, q, v, r, **kw):
+    with set_backend(backend):
+        y = set_attention(q, v, r, **kw)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype,
+                        device=y.device).view_as(y)
+    return (y.detach(), *torch.autograd.grad(y, (q, v, r), gy))
+
+
+def _kw(hw, grid, T, eps, sigma, lpe, dtype):
+    from test_fused import _pos
+    pos = tuple(p.cuda() for p in _pos(hw, grid, dtype)) if lpe else None
+    return dict(eps=eps, num_iters=T, pos=pos, sigma=sigma if lpe else None)
+
+
+@pytest.mark.parametrize('tiles', [16, None])
+@pytest.mark.parametrize('case', range(6))
+def test_triton_matches_dense_float64_cases(case, tiles, monkeypatch):
+    from test_fused import CASES, _inputs, _pos
+
+    from mmsetformer.ops import fused_triton
+    if tiles:  # several row and reference tiles even on tiny inputs
+        monkeypatch.setattr(fused_triton, 'BLOCK_N', tiles)
+        monkeypatch.setattr(fused_triton, 'BLOCK_M', tiles)
+    B, h, hw, grid, d, T, eps, sigma, lpe = CASES[case]
+    n = hw if isinstance(hw, int) else hw[0] * hw[1]
+    m = grid if isinstance(grid, int) else grid[0] * grid[1]
+    host = _inputs(B, h, n, m, d, torch.float64)
+    ours = _grads_of('triton', *_cuda(host),
+                     **_kw(hw, grid, T, eps, sigma, lpe, torch.float64))
+    kw = dict(eps=eps, num_iters=T, pos=_pos(hw, grid, torch.float64)
+              if lpe else None, sigma=sigma if lpe else None)
+    ref = _grads(dense_set(*host, **kw)[0], host)
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        err = (a.cpu() - b).abs().max().item()
+        assert err <= 1e-9 * (1 + b.abs().max().item()), (name, err)
+
+
+@pytest.mark.parametrize('scale,eps,zeros', [
+    (1e-4, 0.3, False), (1e4, 0.3, False), (1.0, 0.01, False),
+    (1.0, 0.3, True)])
+def test_triton_extremes_match_reference_on_cuda(scale, eps, zeros):
+    from test_fused import _inputs
+    q, v, r = _cuda(_inputs(2, 2, 40, 12, 8, torch.float32, seed=2,
+                            scale=scale))
+    if zeros:
+        with torch.no_grad():
+            q[:, :, :6] = 0
+            r[:, 0] = 0
+    kw = _kw((5, 8), (3, 4), 3, eps, 0.5, True, torch.float32)
+    ours = _grads_of('triton', q, v, r, **kw)
+    ref = _grads_of('reference', q, v, r, **kw)
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        assert torch.isfinite(a).all(), name
+        tol = 1e-4 * b.abs().max().item() + 1e-6
+        assert (a - b).abs().max().item() <= tol, \
+            (name, (a - b).abs().max().item(), tol)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_autocast_inputs_stay_accurate_on_cuda(dtype):
+    """Half inputs under autocast: the fused path accumulates in fp32, so
+    it is as close to the float64 result as the half inputs allow."""
+    dev, host, pos = _case(torch.float32, n_side=(28, 28), grid=(10, 10),
+                           d=32, B=2, h=2)
+    kw = dict(eps=0.1, num_iters=3, sigma=0.5)
+    halves = [t.detach().to(dtype) for t in dev]
+    with torch.autocast('cuda', dtype=dtype), set_backend('triton'):
+        y = set_attention(*halves, pos=tuple(p.cuda() for p in pos), **kw)
+    exact = dense_set(*(t.detach().to(dtype).double().cpu() for t in dev),
+                      pos=pos, **kw)[0]
+    assert y.dtype == dtype  # the output follows v
+    err = (y.double().cpu() - exact).abs().max().item()
+    # one rounding of the output to the half type, nothing more
+    assert err <= 2 * torch.finfo(dtype).eps * exact.abs().max().item(), err
+
+
+def test_fused_path_allocates_no_n_by_m_buffer_on_cuda():
+    """Peak memory of forward + backward at n = 50176: doubling m adds far
+    less than one more B*h*n*m fp32 buffer with the fused kernels (their
+    workspace is O(n d + m d)); the reference's grows by several."""
+    from mmsetformer.ops import reference_grid
+    B, h, side, d = 1, 2, 224, 32
+    n = side * side
+    g = torch.Generator(device='cuda').manual_seed(0)
+    q, v = (torch.randn(B, h, n, d, device='cuda', generator=g)
+            for _ in range(2))
+    peaks = {}
+    for m in (375, 750):
+        r = torch.randn(h, m, d, device='cuda', generator=g)
+        pos = (grid_positions(side, side, device='cuda'),
+               grid_positions(*reference_grid(m), device='cuda'))
+        for backend in ('triton', 'reference'):
+            q_, v_, r_ = (t.clone().requires_grad_() for t in (q, v, r))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with set_backend(backend):
+                y = set_attention(q_, v_, r_, eps=0.1, num_iters=3, pos=pos,
+                                  sigma=0.5)
+            y.square().mean().backward()
+            torch.cuda.synchronize()
+            peaks[backend, m] = torch.cuda.max_memory_allocated() - base
+    extra_kernel = B * h * n * 375 * 4  # what doubling m adds to one K
+    grow = {b: peaks[b, 750] - peaks[b, 375] for b in ('triton', 'reference')}
+    assert grow['triton'] < 0.25 * extra_kernel, (grow, peaks)
+    assert grow['reference'] > extra_kernel, (grow, peaks)  # can fail
+
+
+# -- whole models on CUDA: AMP training steps and inference ----------------
+def _det_batch(batch=2, shape=(256, 320)):
+    from mmdet.testing import demo_mm_inputs
+    return demo_mm_inputs(batch_size=batch, image_shapes=[(3, *shape)] * batch,
+                          num_items=[3] * batch, num_classes=80,
+                          with_mask=True)
+
+
+def _seg_batch(batch=2, shape=(256, 320), num_classes=150):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(0, 256, (3, *shape), generator=g,
+                            dtype=torch.uint8) for _ in range(batch)]
+    samples = []
+    for _ in range(batch):
+        s = SegDataSample(metainfo=dict(img_shape=shape, ori_shape=shape,
+                                        pad_shape=shape, scale_factor=(1, 1)))
+        s.gt_sem_seg = PixelData(data=torch.randint(
+            0, num_classes, (1, *shape), generator=g))
+        samples.append(s)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+MODELS_ON_CUDA = [
+    ('mask_rcnn_setformer_t_amp_3x.py', _det_batch),
+    ('cascade_mask_rcnn_setformer_t_amp_3x.py', _det_batch),
+    ('upernet_setformer_t_160k.py', _seg_batch),
+]
+
+
+@pytest.mark.parametrize('config,batch', MODELS_ON_CUDA)
+def test_model_amp_training_and_inference_on_cuda(config, batch, root):
+    import os.path as osp
+
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+
+    from mmsetformer.apis import build_model
+    cfg = Config.fromfile(osp.join(root, 'configs', config))
+    cfg.model.backbone.pop('init_cfg', None)
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    wrapper_cfg = cfg.optim_wrapper.copy()
+    if wrapper_cfg.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
+        wrapper_cfg.update(type='AmpOptimWrapper', loss_scale='dynamic')
+    assert wrapper_cfg['loss_scale'] == 'dynamic'
+    wrapper = build_optim_wrapper(model, wrapper_cfg)
+    model.train()
+    for _ in range(3):  # the real path: data_preprocessor, autocast, step
+        log_vars = model.train_step(batch(), wrapper)
+        assert all(torch.isfinite(torch.as_tensor(v)).all()
+                   for v in log_vars.values()), log_vars
+    # one more step by hand, to look at the unscaled gradients
+    data = model.data_preprocessor(batch(), True)
+    with wrapper.optim_context(model):
+        assert torch.is_autocast_enabled('cuda')
+        losses = model(**data, mode='loss')
+    loss, _ = model.parse_losses(losses)
+    assert torch.isfinite(loss)
+    wrapper.backward(loss)
+    wrapper.loss_scaler.unscale_(wrapper.optimizer)
+    bad = [n for n, p in model.named_parameters()
+           if p.requires_grad and (p.grad is None
+                                   or not torch.isfinite(p.grad).all())]
+    assert not bad, bad[:10]
+    assert wrapper.loss_scaler.get_scale() > 0
+    wrapper.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        preds = model.test_step(batch())
+        with torch.autocast('cuda', dtype=torch.float16):
+            preds16 = model.test_step(batch())
+    assert len(preds) == len(preds16) == 2
+    for p in preds + preds16:
+        field = p.pred_instances.bboxes if hasattr(p, 'pred_instances') \
+            else p.pred_sem_seg.data
+        assert field.is_cuda or field.device.type == 'cpu'
+        assert torch.isfinite(field.float()).all()
+
+
+def test_dist_train_one_process_nccl(root, tmp_path):
+    """tools/dist_train.sh with one GPU: NCCL (not the CPU's gloo), the
+    Mask R-CNN shapes recipe, a checkpoint at the end."""
+    import os
+    import subprocess
+    import sys
+
+    from shrink import det_config
+
+    from mmsetformer.data.shapes import generate
+    data = str(tmp_path / 'shapes')
+    generate(data, num_train=8, num_val=4, size=(128, 160),
+             num_cls_per_class=(6, 2), cls_size=56, seed=0,
+             log=lambda *_: None)
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(det_config(data, epochs=1,
+                              base='mask_rcnn_setformer_nano_shapes_demo.py'))
+    work = tmp_path / 'work'
+    proc = subprocess.run(
+        ['bash', 'tools/dist_train.sh', str(cfg), '1', '--work-dir',
+         str(work)], cwd=root, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHON=sys.executable, PORT='29561'))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert 'backend set to gloo' not in log
+    assert "backend='nccl'" in log or '"backend": "nccl"' in log, log[-3000:]
+    assert (work / 'epoch_1.pth').is_file(), log[-3000:]

@@ -160,7 +160,8 @@ def test_cpu_kernel_is_built_and_chosen(monkeypatch):
         assert fused_cpu.available(), fused_cpu.why_unavailable()
     chosen, pick = [], set_attention_module._implementation
     monkeypatch.setattr(set_attention_module, '_implementation',
-                        lambda qf: chosen.append(pick(qf)) or chosen[-1])
+                        lambda qf, *a: chosen.append(pick(qf, *a))
+                        or chosen[-1])
     q = torch.randn(1, 2, 10, 4)
     assert get_backend() == 'auto'
     set_attention(q, q, q[0, :, :5], eps=0.3, num_iters=1)

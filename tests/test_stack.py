@@ -40,3 +40,32 @@ def test_mmsetformer_registers_next_to(lib):
     import mmsetformer
     assert mod is not None
     assert lib in mmsetformer.registry.REGISTERED
+
+
+def test_import_survives_transformers_5(tmp_path):
+    """mmpretrain 1.2's BLIP code fails to import with transformers >= 5,
+    taking `mmpretrain.models` and `mmdet.models` down with it; `import
+    mmsetformer` first makes its multimodal models placeholders."""
+    import subprocess
+    import sys
+    fake = tmp_path / 'site'  # a transformers 5 that lacks what BLIP needs
+    (fake / 'transformers').mkdir(parents=True)
+    (fake / 'transformers' / '__init__.py').write_text('')
+    info = fake / 'transformers-5.0.0.dist-info'
+    info.mkdir()
+    (info / 'METADATA').write_text(
+        'Metadata-Version: 2.1\nName: transformers\nVersion: 5.0.0\n')
+    env = dict(__import__('os').environ, PYTHONPATH=str(fake))
+
+    def run(code):
+        return subprocess.run([sys.executable, '-c', code], env=env,
+                              capture_output=True, text=True, timeout=300)
+    broken = run('import mmpretrain.models')
+    assert broken.returncode != 0  # the problem is real
+    fixed = run('import mmsetformer, mmdet.models, mmpretrain.models\n'
+                'from mmpretrain.utils.dependency import WITH_MULTIMODAL\n'
+                'from mmpretrain.registry import MODELS\n'
+                'assert not WITH_MULTIMODAL\n'
+                "assert MODELS.get('SeTformer') is not None\n"
+                "assert MODELS.get('BlipCaption') is not None\n")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]

@@ -13,7 +13,10 @@ attention over n tokens, forward and forward+backward), ``backbone``
 one training step), ``model`` (Mask R-CNN and UperNet, SeTformer-T vs
 Swin-T, inference FPS at the configs' test sizes) and ``sinkhorn`` (T = 0-10
 against the column-marginal error and time). Writes ``benchmark.md``,
-``benchmark.json`` and ``benchmark_scaling.png`` to ``--out``.
+``benchmark.json`` and ``benchmark_scaling.png`` to ``--out``
+(``benchmark_cuda.*`` on a GPU, where the operator also runs flash
+attention in bf16 and n up to 200704, the backbones run at 224² x 64 and
+800x1344 x 2 in fp32 and fp16 AMP, and the Sinkhorn part is left out).
 ``SeT`` is the operator as users get it (the fused kernel for the device);
 ``SeT (reference)`` and ``SeTformer-T (reference SeT)`` run the reference
 implementation in the same run, for the speed-up.  Peak memory on the CPU
@@ -122,7 +125,9 @@ def window_attention(q, k, v, hw, window=7):
 
 
 def bench_operator(args, device, report):
-    sides = [16, 32, 56] if args.quick else [56, 112, 224]
+    cuda = device.type == 'cuda'
+    sides = [16, 32, 56] if args.quick else [56, 112, 224, 448] if cuda \
+        else [56, 112, 224]
     m, heads, d = (64, 2, 32) if args.quick else (750, 2, 32)
     eps, sigma, T = 0.3, 0.8, 3
     rows = []
@@ -136,6 +141,9 @@ def bench_operator(args, device, report):
                    for _ in range(3))
         refs = torch.randn(heads, m, d, generator=g).to(device)
         pos = (grid_positions(*hw, device=device), ref_pos)
+        # flash attention takes half inputs: bf16 copies as their own leaves
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        leaves = (q, k, v, refs, qb, kb, vb)
 
         def set_op():
             return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
@@ -151,6 +159,17 @@ def bench_operator(args, device, report):
             'softmax (SDPA)': lambda: F.scaled_dot_product_attention(q, k, v),
             'window 7x7': lambda: window_attention(q, k, v, hw),
         }
+        if cuda:
+            def set_triton():
+                with set_backend('triton'):
+                    return set_op()
+            fns['SeT (triton)'] = set_triton
+
+            def flash():
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(qb, kb, vb)
+            fns['softmax (SDPA flash, bf16)'] = flash
         big_sdpa = n > 20000 and device.type == 'cpu'
         for mode in ('forward', 'forward+backward'):
             def wrap(fn, train=mode != 'forward'):
@@ -158,26 +177,67 @@ def bench_operator(args, device, report):
                     if not train:
                         with torch.no_grad():
                             return fn()
-                    for t in (q, k, v, refs):
+                    for t in leaves:
                         t.requires_grad_(True)
                         t.grad = None
-                    fn().square().mean().backward()
-                    for t in (q, k, v, refs):
+                    fn().float().square().mean().backward()
+                    for t in leaves:
                         t.requires_grad_(False)
                 return call
             cands = {name: wrap(fn) for name, fn in fns.items()}
-            reps = 1 if big_sdpa or args.quick else args.repeats
+            reps = 1 if big_sdpa or args.quick else _repeats(args, device)
             times = Interleaved(device, reps, warmup=0 if big_sdpa else 1
                                 ).run(cands)
             for name, fn in cands.items():
                 mem = peak_memory(fn, device, (q, k, v, refs))
                 rows.append(dict(n=n, op=name, mode=mode, time=times[name],
                                  peak_mem=mem))
-                print(f'  operator n={n:6d} {mode:17s} {name:15s} '
-                      f'{times[name] * 1e3:9.1f} ms {mem / 2**20:9.1f} MiB',
+                print(f'  operator n={n:6d} {mode:17s} {name:26s} '
+                      f'{times[name] * 1e3:9.2f} ms {mem / 2**20:9.1f} MiB',
                       flush=True)
     report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
                               sigma=sigma, num_iters=T, rows=rows)
+    if cuda and not args.quick:
+        report['operator']['batched'] = _batched_tokens(
+            args, device, sides[:3], dict(eps=eps, num_iters=T, sigma=sigma),
+            m, heads, d)
+
+
+def _batched_tokens(args, device, sides, kw, m, heads, d):
+    """SeT over B images of n tokens with B*n fixed: a GPU is busy only when
+    there is enough work, so this, not one image per size, shows whether
+    the cost per token stays constant as n grows."""
+    total = sides[-1] ** 2
+    rows = []
+    ref_pos = grid_positions(*reference_grid(m), device=device)
+    for side in sides:
+        n = side * side
+        B = total // n
+        g = torch.Generator(device='cpu').manual_seed(0)
+        q, v = (torch.randn(B, heads, n, d, generator=g).to(device)
+                for _ in range(2))
+        refs = torch.randn(heads, m, d, generator=g).to(device)
+        pos = (grid_positions(side, side, device=device), ref_pos)
+        for mode in ('forward', 'forward+backward'):
+            def call(train=mode != 'forward'):
+                for t in (q, v, refs):
+                    t.requires_grad_(train)
+                    t.grad = None
+                with torch.set_grad_enabled(train):
+                    y = set_attention(q, v, refs, pos=pos, **kw)
+                    if train:
+                        y.square().mean().backward()
+            t = Interleaved(device, _repeats(args, device)).run(
+                {'SeT': call})['SeT']
+            rows.append(dict(n=n, batch=B, mode=mode, time=t))
+            print(f'  operator {B:2d} x n={n:6d} {mode:17s} SeT '
+                  f'{t * 1e3:9.2f} ms', flush=True)
+    return rows
+
+
+def _repeats(args, device):
+    # GPU kernels take milliseconds: more repeats for a stable median
+    return max(args.repeats, 10) if device.type == 'cuda' else args.repeats
 
 
 # -- part 2: backbones --------------------------------------------------------
@@ -230,9 +290,14 @@ def bench_backbone(args, device, report):
     settings = [('224x224, batch 8', (8, 224, 224), 500, None),
                 ('800x1344, batch 1', (1, 800, 1344), 750,
                  ('SeTformer-T', 'SeTformer-T (reference SeT)', 'Swin-T'))]
+    if device.type == 'cuda':  # the issue's GPU sizes, every model
+        settings = [('224x224, batch 64', (64, 224, 224), 500, None),
+                    ('800x1344, batch 2', (2, 800, 1344), 750, None)]
     if args.quick:
         settings = [('64x64, batch 2', (2, 64, 64), 64, None),
                     ('128x192, batch 1', (1, 128, 192), 64, None)]
+    # on a GPU also in mixed precision (fp16 autocast), as users train
+    precisions = [None, torch.float16] if device.type == 'cuda' else [None]
     rows = []
     for label, (b, h, w), m, only in settings:
         models = {k: f(m).to(device) for k, f in backbones(args.quick).items()
@@ -240,37 +305,50 @@ def bench_backbone(args, device, report):
         x = torch.randn(b, 3, h, w, device=device)
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
 
-        def infer(mod):
+        def infer(mod, amp):
             def call():
                 mod.eval()
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(
+                        device.type, dtype=amp or torch.float32,
+                        enabled=amp is not None):
                     mod(x)
             return call
 
-        def train(mod):
+        def train(mod, amp):
             opt = torch.optim.AdamW(mod.parameters(), lr=1e-4)
+            scaler = torch.amp.GradScaler(device.type, enabled=amp is not None)
 
             def call():
                 mod.train()
                 opt.zero_grad(set_to_none=True)
-                sum(o.float().mean() for o in mod(x)).backward()
-                opt.step()
+                with torch.autocast(device.type, dtype=amp or torch.float32,
+                                    enabled=amp is not None):
+                    loss = sum(o.float().mean() for o in mod(x))
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             return call
 
-        reps = 1 if args.quick or h > 512 else args.repeats
-        for mode, make in (('inference', infer), ('train step', train)):
-            cands = {k: make(mod) for k, mod in models.items()}
+        reps = 1 if args.quick or (h > 512 and device.type == 'cpu') \
+            else _repeats(args, device)
+        for (mode, make), amp in [(mk, amp) for mk in (
+                ('inference', infer), ('train step', train))
+                for amp in precisions]:
+            if amp is not None:
+                mode += ', AMP fp16'
+            cands = {k: make(mod, amp) for k, mod in models.items()}
             times = Interleaved(device, reps).run(cands)
             for k, fn in cands.items():
                 mem = peak_memory(fn, device, (x, ) + tuple(
                     models[k].parameters()))
                 rows.append(dict(setting=label, model=k, mode=mode,
-                                 time=times[k], peak_mem=mem,
+                                 batch=b, time=times[k], peak_mem=mem,
                                  params=cplx[k]['params'],
                                  flops=cplx[k]['flops'],
                                  num_refs=m if 'SeT' in k else None))
-                print(f'  backbone {label:18s} {mode:10s} {k:27s} '
-                      f'{times[k]:7.3f} s {mem / 2**20:8.0f} MiB '
+                print(f'  backbone {label:18s} {mode:21s} {k:27s} '
+                      f'{times[k]:7.3f} s {b / times[k]:8.1f} img/s '
+                      f'{mem / 2**20:8.0f} MiB '
                       f'{cplx[k]["flops"] / 1e9:7.1f} GFLOPs', flush=True)
         del models
         gc.collect()
@@ -337,7 +415,8 @@ def bench_model(args, device, report):
             return call
 
         times = Interleaved(device, 1 if args.quick else max(
-            2, args.repeats // 2)).run(
+            2, args.repeats // 2) if device.type == 'cpu' else
+            _repeats(args, device)).run(
                 {k: predict(mod) for k, mod in built.items()})
         for k, t in times.items():
             params = sum(p.numel() for p in built[k].parameters())
@@ -448,28 +527,27 @@ def to_markdown(report) -> str:
            f'medians of interleaved runs.', '']
     if 'operator' in report:
         op = report['operator']
+        names = list(dict.fromkeys(r['op'] for r in op['rows']))
+        others = [k for k in names if k != 'SeT']
         out += [f'**Operator** (1 image, {op["heads"]} heads of '
                 f'{op["head_dim"]}; SeT with m = {op["m"]}, ε = {op["eps"]}, '
-                f'σ = {op["sigma"]}, T = {op["num_iters"]}):', '',
-                '| n | mode | SeT ms | SeT (reference) ms | softmax ms | '
-                'window ms | SeT MiB | SeT (reference) MiB | softmax MiB | '
-                'window MiB | reference / SeT time | softmax / SeT time |',
-                '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- '
-                '| --- | --- |']
+                f'σ = {op["sigma"]}, T = {op["num_iters"]}; fp32 unless '
+                'named):', '',
+                '| n | mode | ' + ' | '.join(f'{k} ms' for k in names) +
+                ' | ' + ' | '.join(f'{k} MiB' for k in names) + ' | ' +
+                ' | '.join(f'{k} / SeT time' for k in others) + ' |',
+                '| --- | --- |' + ' --- |' * (2 * len(names) + len(others))]
         by = {}
         for r in op['rows']:
             by.setdefault((r['n'], r['mode']), {})[r['op']] = r
         for (n, mode), d in by.items():
-            s, f, a, w = (d['SeT'], d['SeT (reference)'],
-                          d['softmax (SDPA)'], d['window 7x7'])
+            s = d['SeT']
             out.append(
-                f'| {n} | {mode} | {s["time"] * 1e3:,.1f} | '
-                f'{f["time"] * 1e3:,.1f} | '
-                f'{a["time"] * 1e3:,.1f} | {w["time"] * 1e3:,.1f} | '
-                f'{_mib(s["peak_mem"])} | {_mib(f["peak_mem"])} | '
-                f'{_mib(a["peak_mem"])} | {_mib(w["peak_mem"])} | '
-                f'{f["time"] / s["time"]:.1f}× | '
-                f'{a["time"] / s["time"]:.1f}× |')
+                f'| {n} | {mode} | ' +
+                ' | '.join(f'{d[k]["time"] * 1e3:,.2f}' for k in names) +
+                ' | ' + ' | '.join(_mib(d[k]['peak_mem']) for k in names) +
+                ' | ' + ' | '.join(f'{d[k]["time"] / s["time"]:.1f}×'
+                                   for k in others) + ' |')
         ns = sorted({n for n, _ in by})
         if len(ns) >= 2:
             out += ['', 'SeT scaling from the smallest to the largest n '
@@ -481,20 +559,33 @@ def to_markdown(report) -> str:
                 f = ns[-1] / ns[0]
                 out.append(f'| {mode} | {b["time"] / a["time"] / f:.2f} | '
                            f'{b["peak_mem"] / a["peak_mem"] / f:.2f} |')
+            batched = op.get('batched')
+        if batched:
+            total = batched[0]['n'] * batched[0]['batch']
+            out += ['', f'SeT at a constant {total} tokens (B images of n '
+                    'tokens, B·n fixed; equal times = linear in n):', '',
+                    '| n | B | mode | ms | vs the largest n |',
+                    '| --- | --- | --- | --- | --- |']
+            last = {r['mode']: r for r in batched}
+            for r in batched:
+                out.append(f'| {r["n"]} | {r["batch"]} | {r["mode"]} | '
+                           f'{r["time"] * 1e3:,.2f} | '
+                           f'{r["time"] / last[r["mode"]]["time"]:.2f} |')
         out.append('')
     if 'backbone' in report:
         out += ['**Backbones** (SeTformer at the paper\'s m for the task: '
                 '500 at 224², 750 at 800×1344):', '',
-                '| setting | mode | model | time s | vs Swin-T | peak MiB | '
-                'vs Swin-T | params M | GFLOPs |',
-                '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+                '| setting | mode | model | time s | img/s | time vs Swin-T | '
+                'peak MiB | memory vs Swin-T | params M | GFLOPs |',
+                '|' + ' --- |' * 10]
         ref = {(r['setting'], r['mode']): r for r in report['backbone']
                if r['model'] == 'Swin-T'}
         for r in report['backbone']:
             s = ref[(r['setting'], r['mode'])]
             out.append(
                 f'| {r["setting"]} | {r["mode"]} | {r["model"]} | '
-                f'{r["time"]:.3f} | {r["time"] / s["time"]:.2f} | '
+                f'{r["time"]:.3f} | {r.get("batch", 1) / r["time"]:.1f} | '
+                f'{r["time"] / s["time"]:.2f} | '
                 f'{_mib(r["peak_mem"])} | {r["peak_mem"] / s["peak_mem"]:.2f}'
                 f' | {r["params"] / 1e6:.1f} | {r["flops"] / 1e9:.1f} |')
         out.append('')
@@ -546,10 +637,14 @@ def plot(report, path):
     for ax, key, label in ((axes[0], 'time', 'time (s)'),
                            (axes[1], 'peak_mem', 'peak memory (bytes)')):
         for name, color in (('SeT', 'C0'), ('SeT (reference)', 'C7'),
-                            ('softmax (SDPA)', 'C3'), ('window 7x7', 'C2')):
+                            ('softmax (SDPA)', 'C3'), ('window 7x7', 'C2'),
+                            ('softmax (SDPA flash, bf16)', 'C1'),
+                            ('SeT (triton)', 'C4')):
             for mode, ls in (('forward', '-'), ('forward+backward', '--')):
                 pts = [(r['n'], r[key]) for r in op['rows']
                        if r['op'] == name and r['mode'] == mode]
+                if not pts:
+                    continue
                 ax.plot(*zip(*pts), ls, color=color, marker='o',
                         label=f'{name}, {mode}')
         ax.set_xscale('log')
@@ -599,24 +694,29 @@ def main():
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     report = dict(machine=machine() if device.type == 'cpu' else
-                  torch.cuda.get_device_name(device),
+                  f'{torch.cuda.get_device_name(device)}, torch '
+                  f'{torch.__version__}, CUDA {torch.version.cuda}, host '
+                  f'{machine()}',
                   date=time.strftime('%Y-%m-%d'), quick=args.quick)
     t0 = time.time()
-    parts = args.only or ['operator', 'backbone', 'model', 'sinkhorn']
+    parts = args.only or ['operator', 'backbone', 'model'] + (
+        ['sinkhorn'] if device.type == 'cpu' else [])
+    name = 'benchmark' if device.type == 'cpu' else f'benchmark_{device.type}'
+
     for part in parts:
         print(f'== {part}', flush=True)
         globals()[f'bench_{part}'](args, device, report)
     report['seconds'] = time.time() - t0
-    with open(osp.join(args.out, 'benchmark.json'), 'w') as f:
+    with open(osp.join(args.out, f'{name}.json'), 'w') as f:
         json.dump(report, f, indent=1)
     md = to_markdown(report)
-    with open(osp.join(args.out, 'benchmark.md'), 'w') as f:
+    with open(osp.join(args.out, f'{name}.md'), 'w') as f:
         f.write(md + f'\nTotal benchmark time: {report["seconds"]:.0f} s.\n')
     if 'operator' in report:
-        plot(report, osp.join(args.out, 'benchmark_scaling.png'))
+        plot(report, osp.join(args.out, f'{name}_scaling.png'))
     print('\n' + md)
-    print(f'wrote {args.out}/benchmark.md, benchmark.json'
-          f'{", benchmark_scaling.png" if "operator" in report else ""} in '
+    print(f'wrote {args.out}/{name}.md, {name}.json'
+          f'{f", {name}_scaling.png" if "operator" in report else ""} in '
           f'{report["seconds"]:.0f} s')
 
 

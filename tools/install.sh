@@ -7,7 +7,10 @@
 #   MMSETFORMER_VENV=/path/venv bash tools/install.sh  # another venv location
 #   MMSETFORMER_TORCH=existing bash tools/install.sh   # into the active env:
 #       keep its torch/torchvision (e.g. a cluster's CUDA build), build mmcv's
-#       ops against them; PYTHON=... picks the interpreter (default python3)
+#       ops against them; PYTHON=... picks the interpreter (default python3).
+#       Offline: PIP_NO_INDEX=1 PIP_FIND_LINKS=/dir/of/wheels (mmcv's sdist
+#       mmcv-2.1.0.tar.gz among them).  CUDA ops are built for the visible
+#       GPU's architecture unless TORCH_CUDA_ARCH_LIST says otherwise.
 #
 # Idempotent: when the environment was built from the same pins (this file and
 # setup.cfg) and still imports, it returns in seconds.  mmcv 2.1.0 has no wheel
@@ -85,7 +88,22 @@ fi
 # mmcv's setup.py imports pkg_resources (removed in setuptools >= 80).
 say "build tools: setuptools<70, wheel, ninja, $MMENGINE_PIN"
 # (torch declares setuptools>=77: the temporary downgrade is expected)
-pip_ install -q --no-warn-conflicts "setuptools<70" wheel ninja $MMENGINE_PIN
+pip_ install -q --no-warn-conflicts "setuptools<70" wheel ninja
+NO_DEPS=()
+if [[ "$TORCH_MODE" == existing ]] && "$PY" -c "import cv2" >/dev/null 2>&1 \
+   && ! "$PY" -m pip show -q opencv-python >/dev/null 2>&1; then
+  # mmengine and mmcv declare opencv-python; an environment with another
+  # OpenCV build (opencv-python-headless, a cluster's own cv2) keeps that
+  # one: both are installed without their declared requirements, which
+  # are installed here by name instead.
+  say "OpenCV: keeping the environment's cv2 $("$PY" -c 'import cv2; print(cv2.__version__)')"
+  NO_DEPS=(--no-deps)
+  pip_ install -q --no-deps $MMENGINE_PIN
+  pip_ install -q addict matplotlib numpy packaging Pillow pyyaml rich \
+    termcolor yapf
+else
+  pip_ install -q $MMENGINE_PIN
+fi
 
 if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" >/dev/null 2>&1; then
   # mmcv compiles with -std=c++17 but torch 2.14's headers need C++20.  A
@@ -134,7 +152,7 @@ W
   fi
   export PATH="$WRAP:$PATH" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   say "$MMCV_PIN with compiled ops: from pip's wheel cache if built before, else a source build (~10 min)"
-  pip_ install --no-build-isolation $MMCV_PIN
+  pip_ install --no-build-isolation "${NO_DEPS[@]}" $MMCV_PIN
 else
   say "mmcv 2.1.0 with ops already present"
 fi

@@ -72,17 +72,22 @@ def _row_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
 
 
 @triton.jit
-def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
+def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads, chunk,
               BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
               BC: tl.constexpr, HAS_MAT: tl.constexpr,
               PREC: tl.constexpr):
-    """OutVec = K^T Vec, OutMat = K^T Mat (Vec: (S, n), Mat: (S, n, c))."""
+    """Partial OutVec = K^T Vec, OutMat = K^T Mat (Vec: (S, n), Mat: (S, n,
+    c)) over row chunk z (program axis 2) into OutVec (Z, S, m), OutMat (Z,
+    S, m, c): the caller sums over Z, so a few column blocks still fill the
+    GPU and the result does not depend on scheduling (no atomics)."""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
+    z = tl.program_id(2).to(tl.int64)
+    out = z * tl.num_programs(1) + s  # (z, s) row of the partial outputs
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
     cc = tl.arange(0, BC)
     acc_v = tl.zeros([BM], OutVec.dtype.element_ty)
     acc_m = tl.zeros([BM, BC], OutVec.dtype.element_ty)
-    for i0 in range(0, n, BN):
+    for i0 in range(z * chunk, tl.minimum(z * chunk + chunk, n), BN):
         rows = i0 + tl.arange(0, BN)
         K, _, _ = _tile(X, Y, Mx, s, s % heads, rows, cols, n, m, dp,
                         BD, PREC, True)
@@ -93,9 +98,9 @@ def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
                           mask=(rows[:, None] < n) & (cc[None, :] < c),
                           other=0.)
             acc_m += tl.dot(tl.trans(K), mat, input_precision=PREC)
-    tl.store(OutVec + s * m + cols, acc_v, mask=cols < m)
+    tl.store(OutVec + out * m + cols, acc_v, mask=cols < m)
     if HAS_MAT:
-        tl.store(OutMat + (s * m + cols[:, None]) * c + cc[None, :],
+        tl.store(OutMat + (out * m + cols[:, None]) * c + cc[None, :],
                  acc_m, mask=(cols[:, None] < m) & (cc[None, :] < c))
 
 
@@ -137,15 +142,18 @@ def _grad_rows(X, Y, Mx, U, V, GX, n, m, dp, r, heads, BN: tl.constexpr,
 
 
 @triton.jit
-def _grad_cols(X, Y, Mx, U, V, GY, n, m, dp, r, heads, BN: tl.constexpr,
-               BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-               PREC: tl.constexpr):
-    """GY_j = sum_i G_ij X_i (dL/drf, per slice)."""
+def _grad_cols(X, Y, Mx, U, V, GY, n, m, dp, r, heads, chunk,
+               BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+               BR: tl.constexpr, PREC: tl.constexpr):
+    """Partial GY_j = sum_i G_ij X_i (dL/drf, per slice) over row chunk z
+    into GY (Z, S, m, dp), as in ``_col_pass``."""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
+    z = tl.program_id(2).to(tl.int64)
+    out = z * tl.num_programs(1) + s
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
     dd = tl.arange(0, BD)
     acc = tl.zeros([BM, BD], GY.dtype.element_ty)
-    for i0 in range(0, n, BN):
+    for i0 in range(z * chunk, tl.minimum(z * chunk + chunk, n), BN):
         rows = i0 + tl.arange(0, BN)
         g = _grad_tile(X, Y, Mx, U, V, s, s % heads, rows, cols, n, m,
                        dp, r, BD, BR, PREC)
@@ -153,5 +161,5 @@ def _grad_cols(X, Y, Mx, U, V, GY, n, m, dp, r, heads, BN: tl.constexpr,
                     mask=(rows[:, None] < n) & (dd[None, :] < dp),
                     other=0.)
         acc += tl.dot(tl.trans(g), x, input_precision=PREC)
-    tl.store(GY + (s * m + cols[:, None]) * dp + dd[None, :], acc,
+    tl.store(GY + (out * m + cols[:, None]) * dp + dd[None, :], acc,
              mask=(cols[:, None] < m) & (dd[None, :] < dp))

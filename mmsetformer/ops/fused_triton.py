@@ -86,6 +86,15 @@ def _precision(dtype: torch.dtype) -> str:
     return p
 
 
+def _programs(x: Tensor) -> int:
+    """Programs that keep the device busy: 4 per multiprocessor on a GPU;
+    under the interpreter enough that the tests' small inputs split too."""
+    if x.device.type == 'cuda':
+        return 4 * torch.cuda.get_device_properties(
+            x.device).multi_processor_count
+    return 64
+
+
 def _p2(x: int) -> int:
     """Power of two >= max(x, 16) (tl.dot's smallest dimension)."""
     return max(16, 1 << (max(1, x) - 1).bit_length())
@@ -100,11 +109,21 @@ class _Passes:
         self.qf, self.rf = qf, rf
         (self.S, self.n, self.dp), (self.H, self.m) = qf.shape, rf.shape[:2]
         self.prec = _precision(qf.dtype)
-        self.BN = min(BLOCK_N, _p2(self.n))
-        self.BM = min(BLOCK_M, _p2(self.m))
+        # float64 tiles take twice the shared memory: half the rows
+        cap = 32 if qf.dtype == torch.float64 else 1 << 30
+        self.BN = min(BLOCK_N, cap, _p2(self.n))
+        self.BM = min(BLOCK_M, cap, _p2(self.m))
         self.BD = _p2(self.dp)
         self.rows_grid = (triton.cdiv(self.n, self.BN), self.S)
-        self.cols_grid = (triton.cdiv(self.m, self.BM), self.S)
+        # column passes: m / BM blocks per slice are too few programs for a
+        # GPU, so the rows are split into Z chunks summed afterwards
+        col_blocks = triton.cdiv(self.m, self.BM)
+        row_blocks = triton.cdiv(self.n, self.BN)
+        z = min(row_blocks, max(1, triton.cdiv(_programs(qf),
+                                               col_blocks * self.S)))
+        self.chunk = triton.cdiv(row_blocks, z) * self.BN
+        self.Z = triton.cdiv(self.n, self.chunk)
+        self.cols_grid = (col_blocks, self.S, self.Z)
         self.Mx = Mx
         if Mx is not None:
             return
@@ -113,17 +132,19 @@ class _Passes:
             qf, rf, self.Mx, self.n, self.m, self.dp, self.H, BN=self.BN,
             BM=self.BM, BD=self.BD, PREC=self.prec)
 
-    def _pass(self, kernel, grid, size, vec, mat):
-        out_v = vec.new_empty(self.S, size)
-        out_m = None if mat is None else vec.new_empty(self.S, size,
-                                                       mat.shape[-1])
+    def _pass(self, kernel, grid, size, vec, mat, parts=1, *extra):
+        out_v = vec.new_empty(parts, self.S, size)
+        out_m = None if mat is None else vec.new_empty(
+            parts, self.S, size, mat.shape[-1])
         c = 1 if mat is None else mat.shape[-1]
         kernel[grid](self.qf, self.rf, self.Mx, vec.contiguous(),
                      out_v if mat is None else mat.contiguous(), out_v,
                      out_v if mat is None else out_m, self.n, self.m,
-                     self.dp, c, self.H, BN=self.BN, BM=self.BM, BD=self.BD,
-                     BC=_p2(c), HAS_MAT=mat is not None, PREC=self.prec)
-        return out_v if mat is None else (out_v, out_m)
+                     self.dp, c, self.H, *extra, BN=self.BN, BM=self.BM,
+                     BD=self.BD, BC=_p2(c), HAS_MAT=mat is not None,
+                     PREC=self.prec)
+        out_v = out_v.sum(0)
+        return out_v if mat is None else (out_v, out_m.sum(0))
 
     def rows(self, vec: Tensor, mat: Optional[Tensor] = None):
         """K vec (S, n) [and K mat (S, n, c)] for vec (S, m), mat (S, m, c)."""
@@ -133,7 +154,7 @@ class _Passes:
     def cols(self, vec: Tensor, mat: Optional[Tensor] = None):
         """K^T vec (S, m) [and K^T mat (S, m, c)] for vec (S, n), mat."""
         return self._pass(self.k['col_pass'], self.cols_grid, self.m, vec,
-                          mat)
+                          mat, self.Z, self.chunk)
 
     def logit_grads(self, U: Tensor, V: Tensor, need_q: bool,
                     need_r: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -150,10 +171,11 @@ class _Passes:
                 self.qf, self.rf, self.Mx, U, V, gq, self.n, self.m, self.dp,
                 r, self.H, **args)
         if need_r:
-            gr = self.qf.new_empty(self.S, self.m, self.dp)
+            gr = self.qf.new_empty(self.Z, self.S, self.m, self.dp)
             self.k['grad_cols'][self.cols_grid](
                 self.qf, self.rf, self.Mx, U, V, gr, self.n, self.m, self.dp,
-                r, self.H, **args)
+                r, self.H, self.chunk, **args)
+            gr = gr.sum(0)
         return gq, gr
 
 

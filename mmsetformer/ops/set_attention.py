@@ -425,8 +425,9 @@ def _observed(x: Tensor) -> bool:
         or x.device.type == 'meta'
 
 
-def _implementation(qf: Tensor):
-    """The autograd function that computes SeT for features ``qf``."""
+def _implementation(qf: Tensor, rf_rows: int = 0):
+    """The autograd function that computes SeT for features ``qf`` (B, h, n,
+    d') against ``rf_rows`` references."""
     from . import fused_cpu, fused_triton
     name = _BACKEND.name
     if name not in BACKENDS:
@@ -450,9 +451,23 @@ def _implementation(qf: Tensor):
         return _SeTFunction
     if qf.device.type == 'cpu' and fused_cpu.available():
         return fused_cpu.SeTCPUFunction
-    if qf.device.type == 'cuda' and not fused_triton.why_unavailable(qf):
+    if qf.device.type == 'cuda' and not fused_triton.why_unavailable(qf) \
+            and _kernel_bytes(qf, rf_rows) > FUSED_CUDA_MIN_BYTES:
+        # measured on an H100: the reference (cuBLAS over a materialised
+        # K) is faster wherever K fits, so the fused kernels are chosen for
+        # their memory only, where one K would be large
         return fused_triton.SeTTritonFunction
     return _SeTFunction
+
+
+# One B*h*n*m fp32 kernel above this size makes `auto` pick the fused
+# Triton kernels on CUDA (the reference keeps several such tensors).
+FUSED_CUDA_MIN_BYTES = int(float(os.environ.get(
+    'MMSETFORMER_SET_FUSED_MIN_BYTES', 2**31)))
+
+
+def _kernel_bytes(qf: Tensor, m: int) -> int:
+    return qf.shape[:-1].numel() * m * 4
 
 
 def transport_plan(q: Tensor,
@@ -506,6 +521,6 @@ def set_attention(q: Tensor,
     # Kernel, Sinkhorn and both aggregations stay in fp32 under autocast.
     with torch.autocast(q.device.type, enabled=False):
         qf, rf = _features(q, refs, eps, pos, sigma)
-        y = _implementation(qf).apply(qf, rf, v.to(qf.dtype),
-                                      int(num_iters))
+        fn = _implementation(qf, rf.shape[-2])
+        y = fn.apply(qf, rf, v.to(qf.dtype), int(num_iters))
     return y.to(out_dtype)
