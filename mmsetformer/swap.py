@@ -448,8 +448,6 @@ class _Var:
 
 
 _IN_KEYS = ('in_channels', 'c1_in_channels')
-# Necks that hand some backbone maps through to the heads unchanged.
-_PASSTHROUGH_NECKS = ('JPU', 'SSDNeck')
 # Heads that wrap the head reading the backbone.
 _WRAPPED_HEADS = {'IterativeDecodeHead': 'kernel_generate_head'}
 
@@ -774,6 +772,9 @@ def plan_swap(upstream: str,
             # the plain parameter list did
             optim_delta = dict(
                 paramwise_cfg=dict(custom_keys=refs, bypass_duplicate=True))
+            notes[('optim_wrapper', )] = (
+                'bypass_duplicate: a module registered twice counts once, '
+                'as without a paramwise_cfg')
     header = _header(cfg, name, scope, label, old, probe, dims,
                      checkpoint, arch)
     if base_ref != name:
@@ -882,8 +883,9 @@ def render_delta(plan: SwapPlan) -> str:
     """The delta config as readable Python source."""
     out = _comment(plan.header[0], '') + ['# ' + line
                                           for line in plan.header[1:]]
+    base = f'_base_ = [{plan.upstream!r}]'
     out += [
-        f'_base_ = [{plan.upstream!r}]',
+        base + ('  # noqa: E501' if len(base) > 79 else ''),
         "custom_imports = dict(imports=['mmsetformer'], "
         'allow_failed_imports=False)'
     ]
@@ -907,12 +909,14 @@ def render_delta(plan: SwapPlan) -> str:
     else:
         out += _comment(
             'No backbone checkpoint: SeTformer starts from scratch. To '
-            'fine-tune, add init_cfg=dict(type=\'Pretrained\', '
-            "checkpoint='checkpoints/setformer_"
-            f"{key or '<arch>'}_in1k.pth', prefix='backbone.') "
-            '(configs/setformer_*_in1k.py trains it); ResNet / Swin '
-            'checkpoints do not fit SeTformer.', '')
-        out.append('')
+            'start from a SeTformer checkpoint instead '
+            '(configs/setformer_*_in1k.py trains one; ResNet / Swin '
+            'checkpoints do not fit SeTformer), add to the backbone:', '')
+        out += [
+            "#     init_cfg=dict(type='Pretrained', prefix='backbone.',",
+            "#                   checkpoint='checkpoints/setformer_"
+            f"{key or '<arch>'}_in1k.pth')", ''
+        ]
     # the backbone first, then what reads it, as the upstream configs do
     if isinstance(plan.backbone_path[-1], int):  # in model_delta's list
         model = copy.deepcopy(plan.model_delta)
@@ -923,8 +927,9 @@ def render_delta(plan: SwapPlan) -> str:
     out.append('model = ' + body)
     if plan.optim_delta is not None:
         note = plan.notes.get(('optim_wrapper', ))
-        out += [''] + (_comment(note, '') if note else [])
-        out.append('# no weight decay on the SeT references')
+        out += [''] + _comment(
+            'No weight decay on the SeT references' +
+            (f'. {note}' if note else ''), '')
         out.append('optim_wrapper = ' + _render(
             plan.optim_delta, len('optim_wrapper = '), 0, {}, ()))
     return '\n'.join(out) + '\n'

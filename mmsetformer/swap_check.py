@@ -105,14 +105,32 @@ def harness_overrides(cfg, size) -> List[str]:
     return done
 
 
+_MASK_KEYS = ('mask_head', 'loss_mask', 'mask_roi_extractor',
+              'mask_feature_head')
+
+
+def _needs_masks(model_cfg: dict) -> bool:
+    """Instance masks only for models that segment: given masks, RTMDet's
+    assigner takes them for tensors."""
+    for path, v in _walk(model_cfg):
+        if path[-1] in _MASK_KEYS or (
+                path[-1] == 'type' and isinstance(v, str) and any(
+                    k in v for k in ('Mask', 'SOLO', 'CondInst', 'BoxInst'))):
+            return True
+    return False
+
+
 def _mmdet_batch(model_cfg: dict, size: int, batch: int, seed: int):
-    from mmdet.structures import DetDataSample  # noqa: F401
     from mmdet.testing import demo_mm_inputs
     from mmengine.structures import InstanceData, PixelData
     rng = np.random.RandomState(seed)
     nc = _num_classes(model_cfg)
     keys = {p[-1] for p, _ in _walk(model_cfg)}
-    panoptic = 'num_stuff_classes' in keys
+    # panoptic models (stuff classes): a semantic map of stuff ids; the
+    # instance-only configs of MaskFormer-style models set 0 stuff classes
+    num_stuff = [v for p, v in _walk(model_cfg)
+                 if p[-1] == 'num_stuff_classes']
+    panoptic = bool(num_stuff) and num_stuff[0] > 0
     semantic = panoptic or bool(keys & set(_SEMANTIC_KEYS))
     # one size: some recipes resize to a fixed size in the pipeline and
     # stack without padding (YOLACT, RTMDet)
@@ -122,13 +140,13 @@ def _mmdet_batch(model_cfg: dict, size: int, batch: int, seed: int):
     proposals = 'roi_head' in model_cfg and 'rpn_head' not in model_cfg
     data = demo_mm_inputs(batch_size=batch, image_shapes=shapes,
                           num_items=[3 + i for i in range(batch)],
-                          num_classes=max(nc, 2), with_mask=True)
+                          num_classes=max(nc, 2),
+                          with_mask=_needs_masks(model_cfg))
     things = stuff = 0
     if panoptic:
         things = [v for p, v in _walk(model_cfg)
                   if p[-1] == 'num_things_classes'][0]
-        stuff = [v for p, v in _walk(model_cfg)
-                 if p[-1] == 'num_stuff_classes'][0]
+        stuff = num_stuff[0]
     for sample, (_, h, w) in zip(data['data_samples'], shapes):
         n = len(sample.gt_instances)
         sample.gt_instances.labels = torch.from_numpy(
@@ -185,7 +203,8 @@ def _video_batch(model_cfg: dict, size: int, batch: int, training: bool):
     return demo_track_inputs(
         batch_size=batch, num_frames=2, key_frames_inds=[0],
         image_shapes=(3, size, size), num_items=[3] * batch,
-        num_classes=_num_classes(model_cfg), with_mask=True)
+        num_classes=_num_classes(model_cfg),
+        with_mask=_needs_masks(model_cfg))
 
 
 def _is_video(model) -> bool:
@@ -407,7 +426,7 @@ def smoke_test(cfg, size: int = 64, batch: int = 2, seed: int = 0,
     t_train = time.perf_counter() - t0
 
     res = _predict(cfg, model, scope, size, batch, seed)
-    res.update(loss=float(loss), grad_params=len(with_grad),
+    res.update(loss=loss.item(), grad_params=len(with_grad),
                backbone_params=len(named), optimizer_moved=moved,
                overrides=overrides, build_s=t_build, train_s=t_train)
     return res
@@ -521,19 +540,23 @@ def _probe_candidate(scope: str, rel: str):
     if 'model' not in cfg:
         raise NoBackboneError('defines no model (shared settings)')
     model = _to_dict(cfg.model)
+    if model.get('type') == 'Detectron2Wrapper':
+        raise _NotRunHere('a detectron2 model (Detectron2Wrapper): needs '
+                          'detectron2, not installed here')
+    probe = probe_backbone(backbone_cfg(model),
+                           cfg.get('default_scope', scope))
     if model.get('type') == 'ImageClassifier' and not model.get('head'):
-        raise _Headless('a headless feature extractor (no head to train)')
-    return probe_backbone(backbone_cfg(model),
-                          cfg.get('default_scope', scope))
+        raise _NotRunHere('a headless feature extractor (no head to train)')
+    return probe
 
 
-class _Headless(Exception):
-    """A config the sweep cannot train, though the tool can swap it."""
+class _NotRunHere(Exception):
+    """A config the sweep cannot run, though the tool may swap it."""
 
 
 def _first_line(e) -> str:
     text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    return ' '.join(text[0].split())[:300] if text else type(e).__name__
 
 
 def _why(e) -> str:
@@ -567,16 +590,17 @@ def _original_config(scope: str, rel: str):
 def _smoke(cfg_fn: Callable, sizes: Sequence[int], **kw):
     """Smoke test at the first size that works (some heads need more
     tokens than a 64 x 64 image has: DINO's 900 queries)."""
-    err = None
+    whys = []
     for size in sizes:
         try:
             res = smoke_test(cfg_fn(), size=size, **kw)
             res['size'] = size
             return res, None
         except Exception as e:  # noqa: BLE001
-            err = e
+            if _why(e) not in whys:  # each distinct reason once
+                whys.append(_why(e))
             tb = traceback.format_exc()
-    return None, (err, tb)
+    return None, (' / '.join(whys), tb)
 
 
 def sweep_family(scope: str, family: str, swap_tool: Callable,
@@ -609,7 +633,7 @@ def sweep_family(scope: str, family: str, swap_tool: Callable,
         except ByDesignError as e:
             res.skipped.append((rel, 'design', _first_line(e)))
             continue
-        except _Headless as e:
+        except _NotRunHere as e:
             res.skipped.append((rel, 'upstream', str(e)))
             continue
         except Exception as e:  # noqa: BLE001  (reported, not hidden)
@@ -640,12 +664,12 @@ def sweep_family(scope: str, family: str, swap_tool: Callable,
         orig, orig_err = _smoke(lambda: _original_config(scope, rel),
                                 sizes, setformer=False)
         if orig_err is None:
-            res.status, res.reason = 'fails', _why(err[0])
+            res.status, res.reason = 'fails', err[0]
             res.details = dict(traceback=err[1][-3000:], original=orig)
             break
-        res.skipped.append((rel, 'upstream', _why(orig_err[0])))
+        res.skipped.append((rel, 'upstream', orig_err[0]))
         res.status, res.reason = 'not run', (
-            'the upstream config fails here too: ' + _why(orig_err[0]))
+            'the upstream config fails here too: ' + orig_err[0])
         res.details = dict(traceback=err[1][-3000:])
         res.config = res.backbone = None
         if runs >= max_runs:
@@ -692,7 +716,7 @@ def report_markdown(results: Sequence[FamilyResult], seconds: float,
         f'({100 * len(works) / max(counted, 1):.0f} %), {len(fails)} '
         f'fail. Not counted: {len(excl)} families excluded by design (no '
         'config of theirs has a backbone with a multi-scale pyramid, or a '
-        'single map for a classifier) and {len(notrun)} whose upstream '
+        f'single map for a classifier) and {len(notrun)} whose upstream '
         'configs do not run on this machine even unswapped. Sweep time '
         f'{seconds / 60:.1f} min.', ''
     ]

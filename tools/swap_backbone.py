@@ -1,9 +1,10 @@
-"""Write a config that puts SeTformer into any mmdet / mmseg / mmpretrain
-config: a short delta whose ``_base_`` is the upstream config.
+"""Write a config that swaps SeTformer into an mmdet/mmseg/mmpretrain one.
+
+The written config is a short delta whose ``_base_`` is the upstream one:
 
     python tools/swap_backbone.py \\
         mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py \\
-        --arch t --out configs/my_upernet_setformer_t.py
+        --arch t --out my_upernet_setformer_t.py
     python tools/swap_backbone.py \\
         mmdet::retinanet/retinanet_r50_fpn_1x_coco.py --arch s \\
         --num-refs 750 --out my_retinanet.py --check
