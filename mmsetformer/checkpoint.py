@@ -142,9 +142,21 @@ def load_pretrained(module: nn.Module,
                     prefix: Optional[str] = None,
                     map_location='cpu',
                     logger='current') -> nn.Module:
-    """Load weights safely into ``module`` and report what did not match."""
+    """Load weights safely into ``module`` and report what did not match.
+
+    With ``prefix=None``, a file whose keys do not name ``module``'s but
+    lie under ``backbone.`` (a whole classifier, detector or segmentor)
+    loads its backbone.
+    """
     from mmengine.logging import print_log
-    state_dict = select_weights(safe_load(path, map_location), prefix)
+    ckpt = safe_load(path, map_location)
+    state_dict = select_weights(ckpt, prefix)
+    if prefix is None and not set(state_dict) & set(module.state_dict()) \
+            and any(k.startswith('backbone.') for k in state_dict):
+        # a whole classifier / detector / segmentor named without a prefix
+        # (mmseg's and mmdet's `pretrained=`): its backbone is meant
+        prefix = 'backbone.'
+        state_dict = select_weights(ckpt, prefix)
     if prefix and not state_dict:
         raise KeyError(f'no key of {path!r} starts with prefix {prefix!r}')
     missing, unexpected = module.load_state_dict(state_dict, strict=False)

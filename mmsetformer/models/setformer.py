@@ -3,6 +3,7 @@
 One definition serves classification (mmpretrain, timm), detection (mmdet)
 and segmentation (mmseg); the libraries only register it.
 """
+import warnings
 from copy import deepcopy
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -52,7 +53,57 @@ def _conv_norm(norm_cfg: dict, channels: int) -> nn.Module:
     if kind not in _CONV_NORMS:
         raise ValueError(f'norm_cfg type must be one of '
                          f'{sorted(_CONV_NORMS)}, got {kind!r}')
-    return _CONV_NORMS[kind](channels, **cfg)
+    # mmcv's spelling, as upstream configs write it (norm_cfg=dict(
+    # type='SyncBN', requires_grad=True))
+    requires_grad = cfg.pop('requires_grad', True)
+    norm = _CONV_NORMS[kind](channels, **cfg)
+    for p in norm.parameters():
+        p.requires_grad = requires_grad
+    return norm
+
+
+# Model-zoo schemes of mmengine's checkpoint loader: every checkpoint they
+# name belongs to another architecture (ResNet, ResNeXt, HRNet, RegNet,
+# MobileNet, ...), never to SeTformer.
+ZOO_SCHEMES = ('open-mmlab://', 'openmmlab://', 'torchvision://', 'mmcls://')
+
+
+def _pretrained_init_cfg(pretrained, init_cfg):
+    """``init_cfg`` for the ``pretrained=`` argument of mmdet / mmseg
+    backbones (mmseg's ``EncoderDecoder`` passes its model-level
+    ``pretrained`` to the backbone; 23 of mmseg's base models set it).
+
+    Same meaning and warning as theirs: a path or URL becomes
+    ``dict(type='Pretrained', checkpoint=pretrained)`` and may not be given
+    together with ``init_cfg``. One difference: a model-zoo name
+    (``open-mmlab://resnet50_v1c``, ``torchvision://resnet50``, ...) is a
+    checkpoint of the backbone the upstream config was written for, so it
+    is ignored with a warning and ``init_cfg`` (or the initialisation at
+    construction) stands.
+    """
+    if pretrained is None:
+        return init_cfg
+    if not isinstance(pretrained, str):
+        raise TypeError('pretrained must be a str or None, got '
+                        f'{type(pretrained).__name__}')
+    if pretrained.startswith(ZOO_SCHEMES):
+        warnings.warn(
+            f'SeTformer ignores pretrained={pretrained!r}: it names a '
+            'model-zoo checkpoint of another backbone (the one the upstream '
+            'config was written for), which holds no SeTformer weights. '
+            'The backbone starts from '
+            + ('its init_cfg' if init_cfg else 'scratch') + '. Set the '
+            "model-level `pretrained=None` and load a SeTformer checkpoint "
+            "with init_cfg=dict(type='Pretrained', checkpoint=..., "
+            "prefix='backbone.') (tools/swap_backbone.py writes both).")
+        return init_cfg
+    if init_cfg:
+        raise ValueError('init_cfg and pretrained cannot be specified at '
+                         f'the same time (pretrained={pretrained!r}, '
+                         f'init_cfg={init_cfg!r})')
+    warnings.warn('DeprecationWarning: pretrained is deprecated, '
+                  'please use "init_cfg" instead')
+    return dict(type='Pretrained', checkpoint=pretrained)
 
 
 def _conv2d(x: torch.Tensor, weight: torch.Tensor,
@@ -219,6 +270,14 @@ class SeTformer(BaseModule):
             prefix='backbone.')`` loads (safely) a classifier, detector or
             segmentor checkpoint; otherwise the weights are initialised at
             construction (trunc-normal linears, unit-norm references).
+        pretrained (str, optional): deprecated, as in mmdet / mmseg
+            backbones (mmseg's segmentors pass their model-level
+            ``pretrained`` here): a checkpoint path or URL, the same as
+            ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``
+            (when the file holds a whole model, its ``backbone.`` weights
+            are loaded). Model-zoo names of other backbones
+            (``open-mmlab://``, ``torchvision://``, ``mmcls://``) are
+            ignored with a warning.
 
     Shapes: ``forward((B, 3, H, W))`` returns NCHW maps of
     ``ceil(H / s) x ceil(W / s)`` for s = 4, 8, 16, 32 (``out_indices``).
@@ -258,8 +317,11 @@ class SeTformer(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
+        init_cfg = _pretrained_init_cfg(pretrained, init_cfg)
         super().__init__(init_cfg=init_cfg)
+        self.pretrained = pretrained
         self.arch_settings = arch = self._parse_arch(arch)
         dims, depths = arch['embed_dims'], arch['depths']
         self.embed_dims = list(dims)
