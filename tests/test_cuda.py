@@ -3,6 +3,7 @@ against the dense float64 reference, and the Triton kernels' TF32 error."""
 import pytest
 import torch
 from dense_reference import dense_set
+from test_fused import _grads, _run
 
 from mmsetformer.ops import grid_positions, set_attention, set_backend
 
@@ -23,12 +24,6 @@ def _case(dtype, device='cuda', n_side=(9, 13), grid=(5, 7), d=28, B=2, h=3):
     dev = [t.to(device, dtype).requires_grad_() for t in (q, v, r)]
     host = [t.requires_grad_() for t in (q, v, r)]
     return dev, host, pos
-
-
-def _grads(y, inputs):
-    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype,
-                        device=y.device).view_as(y)
-    return (y.detach(), *torch.autograd.grad(y, inputs, gy))
 
 
 @pytest.mark.parametrize('backend', ['reference', 'triton', 'auto'])
@@ -67,14 +62,6 @@ def _cuda(ts):
     return [t.detach().cuda().requires_grad_() for t in ts]
 
 
-def _grads_of(backend, q, v, r, **kw):
-    with set_backend(backend):
-        y = set_attention(q, v, r, **kw)
-    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype,
-                        device=y.device).view_as(y)
-    return (y.detach(), *torch.autograd.grad(y, (q, v, r), gy))
-
-
 def _kw(hw, grid, T, eps, sigma, lpe, dtype):
     from test_fused import _pos
     pos = tuple(p.cuda() for p in _pos(hw, grid, dtype)) if lpe else None
@@ -94,8 +81,8 @@ def test_triton_matches_dense_float64_cases(case, tiles, monkeypatch):
     n = hw if isinstance(hw, int) else hw[0] * hw[1]
     m = grid if isinstance(grid, int) else grid[0] * grid[1]
     host = _inputs(B, h, n, m, d, torch.float64)
-    ours = _grads_of('triton', *_cuda(host),
-                     **_kw(hw, grid, T, eps, sigma, lpe, torch.float64))
+    ours = _run('triton', *_cuda(host),
+                **_kw(hw, grid, T, eps, sigma, lpe, torch.float64))
     kw = dict(eps=eps, num_iters=T, pos=_pos(hw, grid, torch.float64)
               if lpe else None, sigma=sigma if lpe else None)
     ref = _grads(dense_set(*host, **kw)[0], host)
@@ -116,8 +103,8 @@ def test_triton_extremes_match_reference_on_cuda(scale, eps, zeros):
             q[:, :, :6] = 0
             r[:, 0] = 0
     kw = _kw((5, 8), (3, 4), 3, eps, 0.5, True, torch.float32)
-    ours = _grads_of('triton', q, v, r, **kw)
-    ref = _grads_of('reference', q, v, r, **kw)
+    ours = _run('triton', q, v, r, **kw)
+    ref = _run('reference', q, v, r, **kw)
     for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
         assert torch.isfinite(a).all(), name
         tol = 1e-4 * b.abs().max().item() + 1e-6

@@ -34,12 +34,17 @@ def _pos(hw, grid, dtype):
                                                             dtype=dtype)
 
 
+def _grads(y, inputs):
+    """y and the gradients of ``inputs`` for a fixed upstream gradient."""
+    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype,
+                        device=y.device).view_as(y)
+    return (y.detach(), *torch.autograd.grad(y, inputs, gy))
+
+
 def _run(backend, q, v, r, **kw):
-    """Output and gradients of q, v, refs for a fixed upstream gradient."""
+    """Output and gradients of q, v, refs of SeT run by ``backend``."""
     with set_backend(backend):
-        y = set_attention(q, v, r, **kw)
-    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
-    return (y.detach(), *torch.autograd.grad(y, (q, v, r), gy))
+        return _grads(set_attention(q, v, r, **kw), (q, v, r))
 
 
 @pytest.fixture
@@ -80,12 +85,7 @@ def test_matches_dense_float64(backend, B, h, hw, grid, d, T, eps, sigma, lpe,
               if lpe else None, sigma=sigma if lpe else None)
     ours = _run(backend, q, v, r, **kw)
 
-    def dense(q, v, r):
-        return dense_set(q, v, r, **kw)[0]
-
-    y = dense(q, v, r)
-    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
-    ref = (y.detach(), *torch.autograd.grad(y, (q, v, r), gy))
+    ref = _grads(dense_set(q, v, r, **kw)[0], (q, v, r))
     for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), \
             (name, (a - b).abs().max().item())

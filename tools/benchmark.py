@@ -136,14 +136,9 @@ def bench_operator(args, device, report):
     for side in sides:
         n = side * side
         hw = (side, side)
-        g = torch.Generator(device='cpu').manual_seed(0)
-        q, k, v = (torch.randn(1, heads, n, d, generator=g).to(device)
-                   for _ in range(3))
-        refs = torch.randn(heads, m, d, generator=g).to(device)
+        q, k, v, refs = _operator_inputs(1, heads, n, m, d, device)
         pos = (grid_positions(*hw, device=device), ref_pos)
-        # flash attention takes half inputs: bf16 copies as their own leaves
-        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-        leaves = (q, k, v, refs, qb, kb, vb)
+        leaves = (q, k, v, refs)
 
         def set_op():
             return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
@@ -164,6 +159,9 @@ def bench_operator(args, device, report):
                 with set_backend('triton'):
                     return set_op()
             fns['SeT (triton)'] = set_triton
+            # flash attention takes half inputs: bf16 copies as own leaves
+            qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+            leaves += (qb, kb, vb)
 
             def flash():
                 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -172,19 +170,8 @@ def bench_operator(args, device, report):
             fns['softmax (SDPA flash, bf16)'] = flash
         big_sdpa = n > 20000 and device.type == 'cpu'
         for mode in ('forward', 'forward+backward'):
-            def wrap(fn, train=mode != 'forward'):
-                def call():
-                    if not train:
-                        with torch.no_grad():
-                            return fn()
-                    for t in leaves:
-                        t.requires_grad_(True)
-                        t.grad = None
-                    fn().float().square().mean().backward()
-                    for t in leaves:
-                        t.requires_grad_(False)
-                return call
-            cands = {name: wrap(fn) for name, fn in fns.items()}
+            cands = {name: _operator_call(fn, leaves, mode != 'forward')
+                     for name, fn in fns.items()}
             reps = 1 if big_sdpa or args.quick else _repeats(args, device)
             times = Interleaved(device, reps, warmup=0 if big_sdpa else 1
                                 ).run(cands)
@@ -213,26 +200,42 @@ def _batched_tokens(args, device, sides, kw, m, heads, d):
     for side in sides:
         n = side * side
         B = total // n
-        g = torch.Generator(device='cpu').manual_seed(0)
-        q, v = (torch.randn(B, heads, n, d, generator=g).to(device)
-                for _ in range(2))
-        refs = torch.randn(heads, m, d, generator=g).to(device)
+        q, _, v, refs = _operator_inputs(B, heads, n, m, d, device)
         pos = (grid_positions(side, side, device=device), ref_pos)
         for mode in ('forward', 'forward+backward'):
-            def call(train=mode != 'forward'):
-                for t in (q, v, refs):
-                    t.requires_grad_(train)
-                    t.grad = None
-                with torch.set_grad_enabled(train):
-                    y = set_attention(q, v, refs, pos=pos, **kw)
-                    if train:
-                        y.square().mean().backward()
+            call = _operator_call(
+                lambda: set_attention(q, v, refs, pos=pos, **kw),
+                (q, v, refs), mode != 'forward')
             t = Interleaved(device, _repeats(args, device)).run(
                 {'SeT': call})['SeT']
             rows.append(dict(n=n, batch=B, mode=mode, time=t))
             print(f'  operator {B:2d} x n={n:6d} {mode:17s} SeT '
                   f'{t * 1e3:9.2f} ms', flush=True)
     return rows
+
+
+def _operator_inputs(B, heads, n, m, d, device):
+    """Seeded q, k, v (B, heads, n, d) and references (heads, m, d)."""
+    g = torch.Generator(device='cpu').manual_seed(0)
+    q, k, v = (torch.randn(B, heads, n, d, generator=g).to(device)
+               for _ in range(3))
+    return q, k, v, torch.randn(heads, m, d, generator=g).to(device)
+
+
+def _operator_call(fn, leaves, train: bool):
+    """``fn`` under no_grad, or forward + backward of a scalar of its output
+    with fresh gradients for ``leaves``."""
+    def call():
+        if not train:
+            with torch.no_grad():
+                return fn()
+        for t in leaves:
+            t.requires_grad_(True)
+            t.grad = None
+        fn().float().square().mean().backward()
+        for t in leaves:
+            t.requires_grad_(False)
+    return call
 
 
 def _repeats(args, device):

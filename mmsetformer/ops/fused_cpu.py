@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .set_attention import _grads_from_slices, _to_slices
+
 try:
     from . import _set_cpu as _ext
     _IMPORT_ERROR: Optional[BaseException] = None
@@ -51,11 +53,8 @@ class SeTCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
-        B, h, n, dp = qf.shape
-        m, d = rf.shape[-2], v.shape[-1]
-        qf3 = qf.reshape(B * h, n, dp).contiguous()
-        rf3 = rf.reshape(h, m, dp).contiguous()
-        v3 = v.reshape(B * h, n, d).contiguous()
+        B, h, n, d = v.shape
+        qf3, rf3, v3 = _to_slices(qf, rf, v)
         y, *saved = _ext.forward(qf3, rf3, v3, num_iters)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(qf3, rf3, v3, y, *saved)
@@ -70,7 +69,5 @@ class SeTCPUFunction(torch.autograd.Function):
         gq, gr, gv = _ext.backward(qf3, rf3, v3, y,
                                    gy.reshape(y.shape).contiguous(), *saved,
                                    need_q, need_r)
-        S, n, dp = qf3.shape
-        return (gq.view(B, h, n, dp) if need_q else None,
-                gr.view(B, h, -1, dp).sum(0, keepdim=True) if need_r
-                else None, gv.view(B, h, n, -1), None)
+        return _grads_from_slices(B, h, gq if need_q else None,
+                                  gr if need_r else None, gv)

@@ -37,7 +37,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .set_attention import _safe_div, _safe_div_grad
+from .set_attention import (_grads_from_slices, _safe_div, _safe_div_grad,
+                            _to_slices)
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
@@ -189,11 +190,8 @@ class SeTTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
-        B, h, n, dp = qf.shape
-        m, d = rf.shape[-2], v.shape[-1]
-        qf3 = qf.reshape(B * h, n, dp).contiguous()
-        rf3 = rf.reshape(h, m, dp).contiguous()
-        v3 = v.reshape(B * h, n, d).contiguous()
+        (B, h, n, d), m = v.shape, rf.shape[-2]
+        qf3, rf3, v3 = _to_slices(qf, rf, v)
         ops = _Passes(qf3, rf3)
         # Sinkhorn, as sinkhorn_scalings: b_0 = 1, u_t = K b_t,
         # a_t = 1 / (n u_t), s_t = K^T a_t, b_{t+1} = 1 / (m s_t)
@@ -269,7 +267,4 @@ class SeTTritonFunction(torch.autograd.Function):
         need_q, need_r = ctx.needs_input_grad[:2]
         gq, gr = ops.logit_grads(torch.cat(left, -1), torch.cat(right, -1),
                                  need_q, need_r)
-        S, n, dp = qf3.shape
-        return (gq.view(B, h, n, dp) if need_q else None,
-                gr.view(B, h, -1, dp).sum(0, keepdim=True) if need_r
-                else None, gv.view(B, h, n, -1), None)
+        return _grads_from_slices(B, h, gq, gr, gv)

@@ -237,6 +237,29 @@ def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, -g * out / safe_den, torch.zeros_like(den))
 
 
+# The fused kernels work on slices: (B*h, n, d') features, (h, m, d')
+# references.  Their autograd functions share these two conversions.
+def _to_slices(qf: Tensor, rf: Tensor,
+               v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, h, n, d') qf, (1, h, m, d') rf, (B, h, n, d) v -> contiguous
+    (B*h, n, d'), (h, m, d'), (B*h, n, d)."""
+    B, h, n, dp = qf.shape
+    return (qf.reshape(B * h, n, dp).contiguous(),
+            rf.reshape(h, rf.shape[-2], dp).contiguous(),
+            v.reshape(B * h, n, v.shape[-1]).contiguous())
+
+
+def _grads_from_slices(B: int, h: int, gq: Optional[Tensor],
+                       gr: Optional[Tensor], gv: Tensor) -> tuple:
+    """Per-slice gradients back to the inputs' shapes (the references'
+    summed over the batch), as ``backward``'s (qf, rf, v, num_iters)."""
+    n = gv.shape[1]
+    return (None if gq is None else gq.view(B, h, n, -1),
+            None if gr is None else gr.view(B, h, *gr.shape[1:]).sum(
+                0, keepdim=True),
+            gv.view(B, h, n, -1), None)
+
+
 def sinkhorn_scalings(K: Tensor, num_iters: int,
                       trace: Optional[List] = None) -> Tuple[Tensor, Tensor]:
     """Scalings ``a`` (B, h, n) and ``b`` (B, h, m) of ``P = diag(a) K
