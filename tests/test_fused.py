@@ -11,7 +11,8 @@ import torch.utils.flop_counter
 from dense_reference import dense_set
 
 from mmsetformer.ops import (fused_cpu, fused_triton, get_backend,
-                             grid_positions, set_attention, set_backend)
+                             gibbs_kernel, grid_positions, set_attention,
+                             set_backend, sinkhorn_scalings)
 
 set_attention_module = importlib.import_module(
     'mmsetformer.ops.set_attention')
@@ -221,16 +222,42 @@ def test_cpu_kernel_splits_rows_when_slices_are_few(threads):
     (with per-chunk column sums): the same function."""
     if not fused_cpu.available():
         pytest.skip(fused_cpu.why_unavailable())
+    q, v, r = _inputs(1, threads - 1, 13 * 17, 30, 8, torch.float64, seed=5)
+    _cpu_matches_reference(threads, q, v, r, eps=0.3, num_iters=3, sigma=0.6,
+                           pos=_pos((13, 17), (5, 6), torch.float64))
+
+
+def _cpu_matches_reference(threads, q, v, r, **kw):
+    """The CPU kernel on ``threads`` threads against the reference, float64
+    outputs and gradients."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        q, v, r = _inputs(1, threads - 1, 13 * 17, 30, 8, torch.float64,
-                          seed=5)
-        kw = dict(eps=0.3, num_iters=3, sigma=0.6,
-                  pos=_pos((13, 17), (5, 6), torch.float64))
         ours = _run('cpu', q, v, r, **kw)
         ref = _run('reference', q, v, r, **kw)
     finally:
         torch.set_num_threads(old)
     for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), name
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_cpu_kernel_rescales_when_the_row_max_grows(threads):
+    """The last row scaling and the first aggregation share one sweep over
+    row blocks, kept relative to a running max of a (online softmax): with
+    a growing block after block, the result is still the reference's."""
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    n, m, d = 1500, 200, 6  # float64: ~160 rows a block, ~9 blocks
+    g = torch.Generator().manual_seed(6)
+    r = torch.randn(1, m, d, generator=g, dtype=torch.float64)
+    # rows ever closer to one reference: peakier kernel rows, larger a
+    t = torch.linspace(0, 1, n, dtype=torch.float64)[:, None]
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+    q = (t * r[0, :1] + (1 - t) * noise).view(1, 1, n, d).requires_grad_()
+    v = torch.randn(1, 1, n, d, generator=g,
+                    dtype=torch.float64).requires_grad_()
+    r.requires_grad_()
+    a, _ = sinkhorn_scalings(gibbs_kernel(q.detach(), r.detach(), 0.1), 3)
+    assert a.argmax() > n * 3 // 4  # the max does move late
+    _cpu_matches_reference(threads, q, v, r, eps=0.1, num_iters=3)

@@ -1,11 +1,12 @@
 """Fused SeT on the CPU: the compiled kernel of ``csrc/set_cpu.cpp``.
 
 Each (batch, head) slice runs start to finish on one thread with its
-kernel in a cache-sized buffer, and the backward rebuilds the kernel
-instead of keeping it: no n x m tensor outlives a call, and none is swept
-from memory more than once.  Built by ``pip install -e .`` (``setup.py``);
-where it is missing, or the CPU lacks the instructions it was built for,
-:func:`available` is False and the reference runs.
+kernel in a per-thread workspace (cache-resident for small slices), one
+fused sweep per Sinkhorn iteration, and the backward rebuilds the kernel
+instead of keeping it: no n x m tensor outlives a call.  Built by
+``pip install -e .`` (``setup.py``); where it is missing, or the CPU lacks
+the instructions it was built for, :func:`available` is False and the
+reference runs.
 """
 import platform
 from typing import Optional

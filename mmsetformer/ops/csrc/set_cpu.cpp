@@ -1,5 +1,7 @@
 // Fused SeT on the CPU: one (batch, head) slice at a time, its n x m kernel
-// in a per-thread buffer that stays in cache while every pass over it runs.
+// in a per-thread buffer (in cache for small slices; for large ones, T + 2
+// sweeps from memory forward: build, T - 1 Sinkhorn sweeps, the last row
+// scaling fused with the first aggregation, the second aggregation).
 //
 // The reference (mmsetformer/ops/set_attention.py, `_SeTFunction`) runs each
 // pass over the kernels of all slices before the next, so a kernel larger
@@ -257,6 +259,32 @@ struct Dims {
   int64_t rank() const { return 2 * c() + pad8(1 + 2 * iters); }
 };
 
+// Rows per block of the aggregations: the block, its [values | 1] rows
+// and the m x c sums stay in L2 together.
+template <typename T>
+int64_t agg_rows(int64_t m) {
+  return build_rows<T>(m);
+}
+
+// x *= a
+template <typename T>
+void scale(T a, T *x, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) x[j] *= a;
+}
+
+// Rows [i0, i1) of X4 = [a^ v | a^ | 0...] (c columns), a^ = a / top.
+template <typename T>
+void rows_x4(const T *a, const T *v, T top, int64_t d, int64_t c, int64_t i0,
+             int64_t i1, T *X4) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const T ah = a[i] / top;
+    T *x = X4 + i * c;
+    for (int64_t k = 0; k < d; ++k) x[k] = ah * v[i * d + k];
+    x[d] = ah;
+    std::fill(x + d + 1, x + c, T(0));
+  }
+}
+
 // Per-slice vectors of the forward, kept for the backward: a_t, u_t for
 // t = 0..T, b_t for t = 0..T (b_0 = 1), s_t for t < T, and the outputs'
 // normalisers.
@@ -266,10 +294,11 @@ struct Saved {
 };
 
 // Workspace of one slice; `chunks` row chunks need chunks - 1 partials of
-// the column sums (m each; m x dp for dL/drf in the backward).
+// the column sums (m x c for z; m x dp for dL/drf in the backward).
 template <typename T>
 int64_t forward_ws(const Dims<T> &D, int64_t chunks) {
-  return D.n * D.m + 2 * D.n * D.c() + 2 * D.m * D.c() + (chunks - 1) * D.m;
+  return D.n * D.m + 2 * D.n * D.c() + 2 * D.m * D.c() +
+         (chunks - 1) * D.m * D.c();
 }
 
 template <typename T>
@@ -309,27 +338,41 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   }
   const T *b = S.b + iters * m;
   T *u = S.u + iters * n, *a = S.a + iters * n;
-  if (iters > 0)
-    R.run([&](int64_t, int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) u[i] = dot(K + i * m, b, m);
-    });
-  T a_top = std::numeric_limits<T>::min(), b_top = a_top;
-  for (int64_t i = 0; i < n; ++i) {
-    a[i] = safe_div(inv_n, u[i]);
-    a_top = std::max(a_top, a[i]);
-  }
+  T b_top = std::numeric_limits<T>::min();
   for (int64_t j = 0; j < m; ++j) b_top = std::max(b_top, b[j]);
+  // The last row scaling and z in one sweep: a block's u_T = K b_T and a_T
+  // while its rows are hot, then its share of [Z~ | s4] = K^T [a^ v | a^],
+  // a^ = a / max(a).  The max runs over all rows, so a chunk keeps its sums
+  // relative to its running max and rescales them when the max grows (as
+  // online softmax does); chunks are merged at the common max.
+  const int64_t rows = agg_rows<T>(m);
+  std::vector<T> tops(R.chunks);
+  R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+    T *Zc = ch == 0 ? Z4 : part + (ch - 1) * m * c;
+    std::fill(Zc, Zc + m * c, T(0));
+    T top = std::numeric_limits<T>::min();
+    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
+      const int64_t nb = std::min(rows, r1 - i0);
+      T blk = top;
+      for (int64_t i = i0; i < i0 + nb; ++i) {
+        if (iters > 0) u[i] = dot(K + i * m, b, m);
+        a[i] = safe_div(inv_n, u[i]);
+        blk = std::max(blk, a[i]);
+      }
+      if (blk > top && i0 > r0) scale(top / blk, Zc, m * c);
+      top = blk;
+      rows_x4(a, v, top, d, c, i0, i0 + nb, X4);
+      mm<T>(true, false, m, c, nb, T(1), K + i0 * m, m, X4 + i0 * c, c,
+            T(i0 > r0), Zc, c);
+    }
+    tops[ch] = top;
+  });
+  const T a_top = *std::max_element(tops.begin(), tops.end());
+  scale(tops[0] / a_top, Z4, m * c);
+  for (int64_t ch = 1; ch < R.chunks; ++ch)
+    axpy(tops[ch] / a_top, part + (ch - 1) * m * c, Z4, m * c);
   S.tops[0] = a_top;
   S.tops[1] = b_top;
-  // z_j = sum_i P_ij v_i / sum_i P_ij: [Z~ | s4] = K^T [a^ v | a^]
-  std::fill(X4, X4 + n * c, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    const T ah = a[i] / a_top;
-    for (int64_t k = 0; k < d; ++k) X4[i * c + k] = ah * v[i * d + k];
-    X4[i * c + d] = ah;
-  }
-  // (outside a parallel region, BLAS spreads these over the pool itself)
-  mm<T>(true, false, m, c, n, T(1), K, m, X4, c, T(0), Z4, c);
   std::fill(X5, X5 + m * c, T(0));
   for (int64_t j = 0; j < m; ++j) {
     const T s4 = Z4[j * c + d], bh = b[j] / b_top;
@@ -341,13 +384,21 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     }
     X5[j * c + d] = bh;
   }
-  // y_i = sum_j P_ij z_j / sum_j P_ij: [Y~ | w] = K [b^ z | b^]
-  mm<T>(false, false, n, c, m, T(1), K, m, X5, c, T(0), Y5, c);
-  for (int64_t i = 0; i < n; ++i) {
-    const T w = Y5[i * c + d];
-    S.w[i] = w;
-    for (int64_t k = 0; k < d; ++k) y[i * d + k] = Y5[i * c + k] / w;
-  }
+  // y_i = sum_j P_ij z_j / sum_j P_ij: [Y~ | w] = K [b^ z | b^], by blocks
+  // of rows over the chunks (BLAS splits one tall-skinny product over the
+  // pool poorly)
+  R.run([&](int64_t, int64_t r0, int64_t r1) {
+    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
+      const int64_t nb = std::min(rows, r1 - i0);
+      mm<T>(false, false, nb, c, m, T(1), K + i0 * m, m, X5, c, T(0),
+            Y5 + i0 * c, c);
+      for (int64_t i = i0; i < i0 + nb; ++i) {
+        const T w = Y5[i * c + d];
+        S.w[i] = w;
+        for (int64_t k = 0; k < d; ++k) y[i * d + k] = Y5[i * c + k] / w;
+      }
+    }
+  });
 }
 
 template <typename T>
