@@ -133,8 +133,9 @@ void axpy(T a, const T *x, T *y, int64_t m) {
   }
 }
 
-// Rows of K built per GEMM call: 256 KB blocks stay in L2 for the exp pass
-// and keep the GEMM calls large enough to run at speed.
+// Rows of K per GEMM call, in the build and the aggregations: 256 KB blocks
+// stay in L2 for the exp pass and the sweep fused with the first
+// aggregation, and keep the GEMM calls large enough to run at speed.
 template <typename T>
 int64_t build_rows(int64_t m) {
   return std::max<int64_t>(8, (int64_t(1) << 18) / (m * sizeof(T)));
@@ -259,13 +260,6 @@ struct Dims {
   int64_t rank() const { return 2 * c() + pad8(1 + 2 * iters); }
 };
 
-// Rows per block of the aggregations: the block, its [values | 1] rows
-// and the m x c sums stay in L2 together.
-template <typename T>
-int64_t agg_rows(int64_t m) {
-  return build_rows<T>(m);
-}
-
 // x *= a
 template <typename T>
 void scale(T a, T *x, int64_t len) {
@@ -345,7 +339,7 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   // a^ = a / max(a).  The max runs over all rows, so a chunk keeps its sums
   // relative to its running max and rescales them when the max grows (as
   // online softmax does); chunks are merged at the common max.
-  const int64_t rows = agg_rows<T>(m);
+  const int64_t rows = build_rows<T>(m);
   std::vector<T> tops(R.chunks);
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
     T *Zc = ch == 0 ? Z4 : part + (ch - 1) * m * c;
@@ -359,11 +353,11 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
         a[i] = safe_div(inv_n, u[i]);
         blk = std::max(blk, a[i]);
       }
-      if (blk > top && i0 > r0) scale(top / blk, Zc, m * c);
+      if (blk > top) scale(top / blk, Zc, m * c);
       top = blk;
       rows_x4(a, v, top, d, c, i0, i0 + nb, X4);
       mm<T>(true, false, m, c, nb, T(1), K + i0 * m, m, X4 + i0 * c, c,
-            T(i0 > r0), Zc, c);
+            T(1), Zc, c);
     }
     tops[ch] = top;
   });
