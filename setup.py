@@ -19,15 +19,31 @@ def cpu_extension():
     except ImportError:
         return {}
     flags = ['-O3', '-fopenmp']
-    if platform.machine().lower() in ('x86_64', 'amd64'):
-        # ATen's 256-bit vectors; both CPU kinds here (and every x86 server
-        # since 2013/2017) have AVX2 + FMA, checked again at run time.
-        flags += ['-mavx2', '-mfma', '-mf16c', '-DCPU_CAPABILITY=AVX2',
-                  '-DCPU_CAPABILITY_AVX2']
-    ext = CppExtension(
-        'mmsetformer.ops._set_cpu', ['mmsetformer/ops/csrc/set_cpu.cpp'],
-        extra_compile_args=flags, extra_link_args=['-fopenmp'])
-    return dict(ext_modules=[ext], cmdclass={'build_ext': BuildExtension})
+    src = ['mmsetformer/ops/csrc/set_cpu.cpp']
+
+    def ext(name, isa_flags):
+        return CppExtension(f'mmsetformer.ops.{name}', src,
+                            extra_compile_args=flags + isa_flags,
+                            extra_link_args=['-fopenmp'])
+
+    if platform.machine().lower() not in ('x86_64', 'amd64'):
+        exts = [ext('_set_cpu', [])]
+    else:
+        # The same source twice, as ATen builds its CPU kernels: ATen's
+        # 256-bit vectors (AVX2 + FMA: every x86 server since 2013/2017)
+        # and its 512-bit ones (AVX-512: Intel Xeon since Skylake, AMD
+        # since Zen 4).  fused_cpu picks the widest the CPU runs, as
+        # torch.backends.cpu.get_cpu_capability() reports it.
+        exts = [
+            ext('_set_cpu', ['-mavx2', '-mfma', '-mf16c',
+                             '-DCPU_CAPABILITY=AVX2',
+                             '-DCPU_CAPABILITY_AVX2']),
+            ext('_set_cpu_avx512', ['-mavx512f', '-mavx512bw',
+                                    '-mavx512vl', '-mavx512dq', '-mfma',
+                                    '-DCPU_CAPABILITY=AVX512',
+                                    '-DCPU_CAPABILITY_AVX512']),
+        ]
+    return dict(ext_modules=exts, cmdclass={'build_ext': BuildExtension})
 
 
 setup(**cpu_extension())

@@ -175,6 +175,8 @@ def test_one_iteration_matrix_resumes_and_reports(tmp_path, capsys):
     first = state['runs']['seg/setformer/seed0']
     assert first['status'] == 'done' and 'mIoU' in first['metrics']
     assert first['train_s'] > 0 and first['test_s'] > 0
+    # the run's processes' CPU time: two processes of at least an import
+    assert 1 < first['cpu_s'] < 2 * first['wall_s']
     assert state['complexity']['seg/setformer']['backbone_params'] > 1e6
     assert (work / 'runs/seg/setformer/seed0/config.py').read_text() \
         .startswith('# compare_backbones: seg / setformer')
@@ -202,4 +204,19 @@ def test_one_iteration_matrix_resumes_and_reports(tmp_path, capsys):
     os.remove(out / 'accuracy.md')
     assert cb.main(['--report-only', '--work-dir', str(work), '--out',
                     str(out)]) == 0
+    assert (out / 'accuracy.md').read_text() == md
+
+    # a fresh clone has the committed report but no work dir: the matrix
+    # continues from the report's runs instead of starting over
+    capsys.readouterr()
+    fresh = ['--work-dir', str(tmp_path / 'fresh')] + common[-2:]
+    assert cb.main(common[:-4] + fresh + ['--seeds', '0', '1']) == 0
+    log = capsys.readouterr().out
+    assert 'starting from the 2 finished run(s)' in log
+    assert '2 recorded in' in log and '0 to run' in log
+    again = json.loads((tmp_path / 'fresh' / 'state.json').read_text())
+    for key, rec in state['runs'].items():
+        assert {k: again['runs'][key].get(k) for k in cb.RUN_FIELDS} == \
+            {k: rec.get(k) for k in cb.RUN_FIELDS}
+    assert again['complexity'] == state['complexity']
     assert (out / 'accuracy.md').read_text() == md

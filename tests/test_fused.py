@@ -11,8 +11,8 @@ import torch.utils.flop_counter
 from dense_reference import dense_set
 
 from mmsetformer.ops import (fused_cpu, fused_triton, get_backend,
-                             gibbs_kernel, grid_positions, set_attention,
-                             set_backend, sinkhorn_scalings)
+                             gibbs_kernel, grid_positions, kernel_workspace,
+                             set_attention, set_backend, sinkhorn_scalings)
 
 set_attention_module = importlib.import_module(
     'mmsetformer.ops.set_attention')
@@ -190,7 +190,7 @@ def test_backend_errors_are_clear(monkeypatch):
     with set_backend('triton'), pytest.raises(RuntimeError,
                                               match='inputs are on the CPU'):
         set_attention(q, q, q[0], eps=0.3, num_iters=1)
-    monkeypatch.setattr(fused_cpu, '_SUPPORTED', False)
+    monkeypatch.setattr(fused_cpu, '_ext', None)
     with set_backend('cpu'), pytest.raises(RuntimeError, match='cpu'):
         set_attention(q, q, q[0], eps=0.3, num_iters=1)
     # auto falls back to the reference
@@ -261,3 +261,43 @@ def test_cpu_kernel_rescales_when_the_row_max_grows(threads):
     a, _ = sinkhorn_scalings(gibbs_kernel(q.detach(), r.detach(), 0.1), 3)
     assert a.argmax() > n * 3 // 4  # the max does move late
     _cpu_matches_reference(threads, q, v, r, eps=0.1, num_iters=3)
+
+
+@pytest.mark.parametrize('isa', ['AVX512', 'AVX2'])
+def test_cpu_builds_match_the_reference(isa, monkeypatch):
+    """Every build the CPU runs (AVX-512 and AVX2 on x86; the widest is
+    used) computes the reference's function, on odd shapes."""
+    build = fused_cpu.builds().get(isa)
+    if build is None:
+        pytest.skip(f'no {isa} build runs here')
+    monkeypatch.setattr(fused_cpu, '_ext', build)
+    q, v, r = _inputs(2, 3, 11 * 7, 37, 13, torch.float64, seed=7)
+    _cpu_matches_reference(2, q, v, r, eps=0.2, num_iters=3, sigma=0.6,
+                           pos=_pos((11, 7), (37, 1), torch.float64))
+    q, v, r = (t.detach().float().requires_grad_() for t in (q, v, r))
+    with set_backend('cpu'):
+        ours = _grads(set_attention(q, v, r, eps=0.2, num_iters=3), (q, v, r))
+    ref = _run('reference', q, v, r, eps=0.2, num_iters=3)
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+def test_cpu_kernel_builds_in_the_shared_workspace():
+    """Inside ``kernel_workspace()`` (as SeTformer.forward runs) the kernel
+    builds its slices' kernels in the one reused buffer, whatever that
+    buffer held before, with the same result as its own fresh one."""
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    q, v, r = (t.detach() for t in
+               _inputs(2, 3, 77, 37, 13, torch.float32, seed=8))
+    kw = dict(eps=0.3, num_iters=3)
+    y0 = set_attention(q, v, r, **kw)
+    with torch.no_grad(), kernel_workspace():
+        y1 = set_attention(q, v, r, **kw)
+        buf = set_attention_module._WORKSPACE.buf
+        assert buf is not None and buf.numel() >= \
+            fused_cpu._ext.forward_workspace(6, 77, 37, 13, 13, 3)
+        buf.fill_(float('nan'))
+        y2 = set_attention(q, v, r, **kw)
+        assert set_attention_module._WORKSPACE.buf is buf  # reused
+    assert torch.equal(y1, y0) and torch.equal(y2, y0)

@@ -675,8 +675,11 @@ def machine() -> str:
                     break
     except OSError:
         pass
+    from mmsetformer.ops import fused_cpu
+    kernel = f'SeT CPU kernel {fused_cpu.ISA}' if fused_cpu.available() \
+        else 'no SeT CPU kernel'
     return (f'{cpu}, {torch.get_num_threads()} threads, torch '
-            f'{torch.__version__}')
+            f'{torch.__version__}, {kernel}')
 
 
 def main():

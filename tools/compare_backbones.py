@@ -16,13 +16,16 @@ backbone, the seed and the budget change. Each run has its own folder
 ``<work-dir>/runs/<task>/<variant>/seed<k>/`` (config, logs, metrics).
 
 Resume: ``<work-dir>/state.json`` records every finished run (metrics,
-wall-clock, load average) and, once per (task, variant), params and FLOPs.
-A second call skips what is recorded and restarts a half-finished run from
-scratch (its folder is wiped), so the matrix can be stopped (Ctrl-C, kill)
-and continued at any time; two calls on one work dir are refused. After
-every run, and with ``--report-only``, the report is regenerated from the
-state file alone: ``<out>/accuracy.md``, ``accuracy.json`` and
-``accuracy.png``.
+wall-clock, the CPU time of its processes, load average) and, once per
+(task, variant), params and FLOPs. A second call skips what is recorded
+and restarts a half-finished run from scratch (its folder is wiped), so the
+matrix can be stopped (Ctrl-C, kill) and continued at any time; two calls
+on one work dir are refused. After every run, and with ``--report-only``,
+the report is regenerated from the state file alone: ``<out>/accuracy.md``,
+``accuracy.json`` and ``accuracy.png``. ``accuracy.json`` holds every
+finished run, so a work dir without a state file (a fresh clone) starts
+from it: the matrix accumulates over sittings and machines through the
+committed report.
 
 Budget: the same for every variant, ``--epochs`` (det) and ``--iters``
 (seg); the demo's schedules (warm-up, lr steps, poly decay) are scaled to
@@ -38,6 +41,7 @@ import os
 import os.path as osp
 import platform
 import pprint
+import resource
 import shutil
 import signal
 import subprocess
@@ -333,6 +337,12 @@ def _subprocess(cmd: List[str], log_path: str, env: dict) -> int:
             raise
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _tail(path: str, n: int = 20) -> str:
     with contextlib.suppress(OSError), open(path) as f:
         return ''.join(f.readlines()[-n:])
@@ -365,7 +375,7 @@ def execute_run(task: str, variant: str, seed: int, budget: int,
     # the runner's own folder: it dumps the full config there, so the delta
     # config above stays as written
     work = osp.join(run_dir, 'work')
-    t0 = time.time()
+    t0, cpu0 = time.time(), _children_cpu()
     rc = _subprocess([sys.executable, 'tools/train.py', cfg_path,
                       '--work-dir', work, '--no-validate'],
                      osp.join(run_dir, 'train.log'), env)
@@ -382,6 +392,9 @@ def execute_run(task: str, variant: str, seed: int, budget: int,
                       metrics_file], osp.join(run_dir, 'test.log'), env)
     record['test_s'] = round(time.time() - t1, 1)
     record['wall_s'] = round(time.time() - t0, 1)
+    # what the run cost, unlike the wall-clock, does not grow when the
+    # matrix shares the machine or is paused
+    record['cpu_s'] = round(_children_cpu() - cpu0, 1)
     record['load_end'] = round(os.getloadavg()[0], 2)
     if rc != 0 or not osp.isfile(metrics_file):
         return dict(record, status='failed', error=f'test exited {rc}',
@@ -465,9 +478,10 @@ def aggregate(state: dict) -> dict:
             continue
         task = out.setdefault(rec['task'], {})
         v = task.setdefault(rec['variant'], dict(seeds=[], values={},
-                                                 wall_s=[]))
+                                                 wall_s=[], cpu_s=[]))
         v['seeds'].append(rec['seed'])
         v['wall_s'].append(rec['wall_s'])
+        v['cpu_s'].append(rec.get('cpu_s'))
         for k, x in rec['metrics'].items():
             v['values'].setdefault(k, []).append(x)
     for task, variants in out.items():
@@ -475,10 +489,12 @@ def aggregate(state: dict) -> dict:
             order = sorted(range(len(v['seeds'])), key=v['seeds'].__getitem__)
             v['seeds'] = [v['seeds'][i] for i in order]
             v['wall_s'] = [v['wall_s'][i] for i in order]
+            v['cpu_s'] = [v['cpu_s'][i] for i in order]
             v['values'] = {k: [xs[i] for i in order]
                            for k, xs in v['values'].items()}
             v['metrics'] = {k: mean_std(xs) for k, xs in v['values'].items()}
             v['wall'] = mean_std(v['wall_s'])
+            v['cpu'] = mean_std([x for x in v['cpu_s'] if x is not None])
             v['complexity'] = state['complexity'].get(f'{task}/{name}')
     return out
 
@@ -497,6 +513,13 @@ def _fmt(stat: dict, scale: float = 1., digits: int = 3) -> str:
     return f'{m:.{digits}f} ± {stat["std"] * scale:.{digits}f}'
 
 
+def _minutes(stat: dict) -> str:
+    if not stat['n']:
+        return 'n/a'
+    return f'{stat["mean"] / 60:.1f} min' + (
+        f' ± {stat["std"] / 60:.1f}' if stat['n'] > 1 else '')
+
+
 def markdown(state: dict, agg: dict, pending: int = 0) -> str:
     out = ['# Accuracy at equal budget', '',
            'Generated by `tools/compare_backbones.py` from its state file; '
@@ -512,8 +535,9 @@ def markdown(state: dict, agg: dict, pending: int = 0) -> str:
                 f'{state["data"].get(task, "?")}.', '']
         metric_cols = [label for _, label in spec['metrics']]
         out.append('| variant | n | backbone params | backbone GFLOPs | ' +
-                   ' | '.join(metric_cols) + ' | wall-clock / run |')
-        out.append('| --- ' * (5 + len(metric_cols)) + '|')
+                   ' | '.join(metric_cols) +
+                   ' | wall-clock / run | CPU time / run |')
+        out.append('| --- ' * (6 + len(metric_cols)) + '|')
         for name in _variant_order(variants):
             v = variants[name]
             cx = v['complexity'] or {}
@@ -522,12 +546,9 @@ def markdown(state: dict, agg: dict, pending: int = 0) -> str:
             label = VARIANTS.get(name, {}).get('label', name)
             cells = [_fmt(v['metrics'].get(k), digits=spec['digits'])
                      for k, _ in spec['metrics']]
-            wall = v['wall']
-            wall_txt = f'{wall["mean"] / 60:.1f} min' + (
-                f' ± {wall["std"] / 60:.1f}' if wall['n'] > 1 else '')
             out.append(f'| {label} (`{name}`) | {v["wall"]["n"]} | {params} '
                        f'| {flops} | ' + ' | '.join(cells) +
-                       f' | {wall_txt} |')
+                       f' | {_minutes(v["wall"])} | {_minutes(v["cpu"])} |')
         out.append('')
         ref = variants.get(REFERENCE)
         heads = spec['metrics'][:spec['headline']]
@@ -561,7 +582,9 @@ def markdown(state: dict, agg: dict, pending: int = 0) -> str:
     out += ['Machine: ' + '; '.join(machines) + (
         f'; load average at run start {min(loads):.1f}–{max(loads):.1f}'
         if loads else '') + '. Wall-clock is train + test per run and '
-            'depends on the load of the machine.', '',
+            'depends on the load of the machine; CPU time (user + system '
+            'of the run\'s processes) does not grow with other load or '
+            'pauses.', '',
             'What this does and does not say: small models (≈ 1 M backbone '
             'parameters) trained from scratch on a small synthetic dataset '
             'on a CPU budget, one recipe for all. It compares '
@@ -614,6 +637,30 @@ def plot(state: dict, agg: dict, path: str) -> None:
     plt.close(fig)
 
 
+# What accuracy.json keeps of a run: enough to continue the matrix from it.
+RUN_FIELDS = ('status', 'task', 'variant', 'seed', 'budget', 'metrics',
+              'train_s', 'test_s', 'wall_s', 'cpu_s', 'load_start',
+              'load_end', 'threads', 'machine', 'commit', 'started',
+              'finished')
+
+
+def state_from_report(path: str) -> Optional[dict]:
+    """The finished runs of a report's ``accuracy.json`` as a state, or
+    None where there is no report with runs."""
+    if not osp.isfile(path):
+        return None
+    with open(path) as f:
+        report = json.load(f)
+    runs = {k: r for k, r in report.get('runs', {}).items()
+            if r.get('status') == 'done' and r.get('task')}
+    if not runs:
+        return None
+    return dict(new_state(), runs=runs,
+                complexity=report.get('complexity', {}),
+                budgets=report.get('budgets', {}),
+                data=report.get('data', {}))
+
+
 def write_report(state: dict, out_dir: str, pending: int = 0) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     agg = aggregate(state)
@@ -624,11 +671,8 @@ def write_report(state: dict, out_dir: str, pending: int = 0) -> dict:
         budgets=state['budgets'], data=state['data'],
         reference=REFERENCE, pending=pending,
         labels={k: v['label'] for k, v in VARIANTS.items()},
-        aggregate=agg,
-        runs={k: {f: r.get(f) for f in ('status', 'seed', 'metrics',
-                                        'train_s', 'test_s', 'wall_s',
-                                        'load_start', 'load_end', 'threads',
-                                        'machine', 'commit', 'finished')}
+        aggregate=agg, complexity=state['complexity'],
+        runs={k: {f: r.get(f) for f in RUN_FIELDS}
               for k, r in sorted(state['runs'].items())})
     with open(osp.join(out_dir, 'accuracy.json'), 'w') as f:
         json.dump(summary, f, indent=1, sort_keys=True)
@@ -703,6 +747,13 @@ def main(argv=None) -> int:
 
 def _main(args, work_dir: str, state_path: str, out_dir: str) -> int:
     state = load_state(state_path)
+    report_path = osp.join(out_dir, 'accuracy.json')
+    if not osp.isfile(state_path):
+        seeded = state_from_report(report_path)
+        if seeded is not None:
+            state = seeded
+            print(f'{state_path} does not exist: starting from the '
+                  f'{len(state["runs"])} finished run(s) in {report_path}')
     if args.report_only:
         if not state['runs']:
             raise SystemExit(f'no runs recorded in {state_path}')

@@ -8,44 +8,62 @@ instead of keeping it: no n x m tensor outlives a call.  Built by
 the instructions it was built for, :func:`available` is False and the
 reference runs.
 """
+import importlib
 import platform
-from typing import Optional
+from typing import Dict
 
 import torch
 from torch import Tensor
 
-from .set_attention import _grads_from_slices, _to_slices
-
-try:
-    from . import _set_cpu as _ext
-    _IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as e:  # not built (pure-Python install)
-    _ext, _IMPORT_ERROR = None, e
+from .set_attention import _grads_from_slices, _to_slices, _workspace
 
 
-def _cpu_supported() -> bool:
-    # x86 builds use AVX2 + FMA (Intel since Haswell, AMD since Zen)
-    if platform.machine().lower() not in ('x86_64', 'amd64'):
-        return True
-    return torch.backends.cpu.get_cpu_capability() != 'DEFAULT'
+def builds() -> Dict[str, object]:
+    """The compiled builds this CPU runs, widest first: {'AVX512': module,
+    'AVX2': module} on x86 (as ``torch.backends.cpu.get_cpu_capability()``
+    reports the CPU, so ATen's ``ATEN_CPU_CAPABILITY=avx2`` narrows both),
+    {machine: module} elsewhere; empty where none is built."""
+    if platform.machine().lower() in ('x86_64', 'amd64'):
+        cap = torch.backends.cpu.get_cpu_capability()
+        names = {'AVX512': '_set_cpu_avx512', 'AVX2': '_set_cpu'}
+        if not cap.startswith('AVX512'):
+            names.pop('AVX512')
+        if cap == 'DEFAULT':  # no AVX2/FMA
+            names.clear()
+    else:
+        names = {platform.machine(): '_set_cpu'}
+    found = {}
+    for isa, name in names.items():
+        try:
+            found[isa] = importlib.import_module(f'.{name}', __package__)
+        except ImportError:  # not built (pure-Python install)
+            pass
+    return found
 
 
-_SUPPORTED = _ext is not None and _cpu_supported()
+def _load():
+    """The widest build, its name, and why none runs (or '')."""
+    found = builds()
+    for isa, ext in found.items():
+        return ext, isa, ''
+    if torch.backends.cpu.get_cpu_capability() == 'DEFAULT' and \
+            platform.machine().lower() in ('x86_64', 'amd64'):
+        return None, '', 'this CPU lacks AVX2/FMA, which the kernel needs'
+    return None, '', ('mmsetformer.ops._set_cpu is not built; run `pip '
+                      'install --no-build-isolation -e .` (or `make '
+                      'install`)')
+
+
+_ext, ISA, _UNAVAILABLE = _load()
 
 
 def available() -> bool:
     """Whether the compiled CPU kernel can run here."""
-    return _SUPPORTED
+    return _ext is not None
 
 
 def why_unavailable() -> str:
-    if _ext is None:
-        return (f'mmsetformer.ops._set_cpu is not built ({_IMPORT_ERROR}); '
-                'run `pip install --no-build-isolation -e .` (or '
-                '`make install`)')
-    if not _SUPPORTED:
-        return 'this CPU lacks AVX2/FMA, which the kernel was built for'
-    return ''
+    return '' if _ext is not None else (_UNAVAILABLE or 'disabled')
 
 
 class SeTCPUFunction(torch.autograd.Function):
@@ -56,7 +74,15 @@ class SeTCPUFunction(torch.autograd.Function):
     def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
         B, h, n, d = v.shape
         qf3, rf3, v3 = _to_slices(qf, rf, v)
-        y, *saved = _ext.forward(qf3, rf3, v3, num_iters)
+        # inside ops.kernel_workspace() (SeTformer.forward), every call
+        # builds its slices' kernels in one reused buffer: a fresh one is
+        # paid again in page faults (~1/4 of the time at stride 4 of an
+        # 800 x 1344 image)
+        m, dp = rf.shape[-2:]
+        ws = _workspace((_ext.forward_workspace(B * h, n, m, dp, d,
+                                                num_iters), ),
+                        qf.dtype, qf.device)
+        y, *saved = _ext.forward(qf3, rf3, v3, num_iters, ws)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(qf3, rf3, v3, y, *saved)
             ctx.dims = B, h

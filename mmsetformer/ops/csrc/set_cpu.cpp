@@ -538,19 +538,43 @@ void check(const torch::Tensor &t, const char *name, int64_t dim) {
 // Slices run in parallel, a contiguous range per thread, each thread in its
 // own workspace; with fewer slices than threads they run one after the
 // other, each over the whole pool (see Rows).  ws_elems(chunks) is a
-// slice's workspace.
-template <typename T, typename W, typename F>
-void for_slices(int64_t S, W &&ws_elems, const torch::Tensor &like, F &&fn) {
+// slice's workspace; slices_ws the whole call's.
+inline bool slices_share_pool(int64_t S) {
+  return S < at::get_num_threads() && !at::in_parallel_region();
+}
+
+template <typename W>
+int64_t slices_ws(int64_t S, W &&ws_elems) {
   const int64_t threads = at::get_num_threads();
-  if (S < threads && !at::in_parallel_region()) {
-    at::Tensor ws = torch::empty({ws_elems(threads)}, like.options());
-    for (int64_t s = 0; s < S; ++s) fn(s, ws.data_ptr<T>());
+  if (slices_share_pool(S)) return ws_elems(threads);
+  return std::max<int64_t>(1, std::min<int64_t>(S, threads)) * ws_elems(1);
+}
+
+// The call's workspace: `given` where it is large enough (a buffer the
+// caller reuses across calls: a fresh one of n x m per slice costs as much
+// in page faults, on first touch, as the passes over it), else a new one.
+inline torch::Tensor workspace(const c10::optional<torch::Tensor> &given,
+                               int64_t elems, const torch::Tensor &like) {
+  if (given && given->defined()) {
+    TORCH_CHECK(given->is_contiguous() && given->device().is_cpu() &&
+                    given->scalar_type() == like.scalar_type(),
+                "workspace must be a contiguous CPU tensor of the inputs' "
+                "dtype");
+    if (given->numel() >= elems) return *given;
+  }
+  return torch::empty({elems}, like.options());
+}
+
+template <typename T, typename W, typename F>
+void for_slices(int64_t S, W &&ws_elems, const torch::Tensor &ws, F &&fn) {
+  T *base = ws.data_ptr<T>();
+  if (slices_share_pool(S)) {
+    for (int64_t s = 0; s < S; ++s) fn(s, base);
     return;
   }
-  const int64_t workers = std::max<int64_t>(1, std::min(S, threads)),
+  const int64_t workers = std::max<int64_t>(
+                    1, std::min<int64_t>(S, at::get_num_threads())),
                 per_ws = ws_elems(1);
-  at::Tensor ws = torch::empty({workers, per_ws}, like.options());
-  T *base = ws.data_ptr<T>();
   const int64_t per = (S + workers - 1) / workers;
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w)
@@ -569,8 +593,16 @@ Saved<T> saved_of(int64_t s, int64_t n, int64_t m, int64_t d, int64_t iters,
           t[6].data_ptr<T>() + s * n,     t[7].data_ptr<T>() + s * 2};
 }
 
+// Elements of set_forward's workspace for these shapes (S slices).
+int64_t forward_workspace(int64_t S, int64_t n, int64_t m, int64_t dp,
+                          int64_t d, int64_t iters) {
+  const Dims<float> D{n, m, dp, d, iters};
+  return slices_ws(S, [&](int64_t ch) { return forward_ws(D, ch); });
+}
+
 std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
-                                       torch::Tensor v, int64_t iters) {
+                                       torch::Tensor v, int64_t iters,
+                                       c10::optional<torch::Tensor> ws_in) {
   check(qf, "qf", 3);
   check(rf, "rf", 3);
   check(v, "v", 3);
@@ -599,7 +631,8 @@ std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
     const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(), *vp = v.data_ptr<T>();
     T *yp = y.data_ptr<T>();
     auto ws_elems = [&](int64_t ch) { return forward_ws(D, ch); };
-    for_slices<T>(S, ws_elems, qf, [&](int64_t s, T *ws) {
+    const auto ws_t = workspace(ws_in, slices_ws(S, ws_elems), qf);
+    for_slices<T>(S, ws_elems, ws_t, [&](int64_t s, T *ws) {
       forward_slice(D, q + s * n * dp, r + (s % H) * m * dp, vp + s * n * d,
                     yp + s * n * d, saved_of<T>(s, n, m, d, iters, saved),
                     ws);
@@ -637,7 +670,8 @@ std::vector<torch::Tensor> set_backward(
     T *gq = need_qf ? gqf.data_ptr<T>() : nullptr,
       *gr = need_rf ? grf.data_ptr<T>() : nullptr, *gvp = gv.data_ptr<T>();
     auto ws_elems = [&](int64_t ch) { return backward_ws(D, ch); };
-    for_slices<T>(S, ws_elems, qf, [&](int64_t s, T *ws) {
+    const auto ws_t = torch::empty({slices_ws(S, ws_elems)}, qf.options());
+    for_slices<T>(S, ws_elems, ws_t, [&](int64_t s, T *ws) {
       backward_slice(D, q + s * n * dp, r + (s % H) * m * dp,
                      vp + s * n * d, yp + s * n * d, gyp + s * n * d,
                      saved_of<T>(s, n, m, d, iters, saved),
@@ -651,6 +685,10 @@ std::vector<torch::Tensor> set_backward(
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("forward", &set_forward, "SeT forward (fused, CPU)");
+  mod.def("forward", &set_forward, "SeT forward (fused, CPU)",
+          py::arg("qf"), py::arg("rf"), py::arg("v"), py::arg("iters"),
+          py::arg("workspace") = py::none());
+  mod.def("forward_workspace", &forward_workspace,
+          "elements of the forward's workspace (S, n, m, dp, d, iters)");
   mod.def("backward", &set_backward, "SeT backward (fused, CPU)");
 }
