@@ -2,6 +2,7 @@
 one (SPEC §7): the compiled CPU kernel, and the Triton kernels, which run
 here under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on hosts
 without CUDA)."""
+import contextlib
 import importlib
 import platform
 
@@ -16,7 +17,9 @@ from mmsetformer.ops import (fused_cpu, fused_triton, get_backend,
 
 set_attention_module = importlib.import_module(
     'mmsetformer.ops.set_attention')
-FUSED = ['cpu', 'triton']
+# 'cpu-streamed': the CPU kernel rebuilding every pass's blocks of the
+# kernel instead of keeping it (by default only for huge kernels)
+FUSED = ['cpu', 'cpu-streamed', 'triton']
 
 
 def _inputs(B, h, n, m, d, dtype, seed=0, scale=1.0):
@@ -42,9 +45,22 @@ def _grads(y, inputs):
     return (y.detach(), *torch.autograd.grad(y, inputs, gy))
 
 
+@contextlib.contextmanager
+def _backend(name):
+    """set_backend, with 'cpu-streamed' for the CPU kernel streaming."""
+    old = fused_cpu.STREAM_BYTES
+    if name == 'cpu-streamed':
+        name, fused_cpu.STREAM_BYTES = 'cpu', 0
+    try:
+        with set_backend(name):
+            yield
+    finally:
+        fused_cpu.STREAM_BYTES = old
+
+
 def _run(backend, q, v, r, **kw):
     """Output and gradients of q, v, refs of SeT run by ``backend``."""
-    with set_backend(backend):
+    with _backend(backend):
         return _grads(set_attention(q, v, r, **kw), (q, v, r))
 
 
@@ -56,7 +72,7 @@ def small_tiles(monkeypatch):
 
 
 def _available(backend, x):
-    if backend == 'cpu':
+    if backend.startswith('cpu'):
         return fused_cpu.why_unavailable()
     return fused_triton.why_unavailable(x)
 
@@ -143,16 +159,18 @@ def test_partial_gradients_and_autocast_inputs():
     if not fused_cpu.available():
         pytest.skip(fused_cpu.why_unavailable())
     outs = {}
-    for backend in ('reference', 'cpu'):
-        with set_backend(backend):
+    for backend in ('reference', 'cpu', 'cpu-streamed'):
+        with _backend(backend):
             y = set_attention(q.detach(), v, r.detach(), **kw)
             (gv, ) = torch.autograd.grad(y.sum(), (v, ))
             with torch.autocast('cpu', dtype=torch.bfloat16):
                 yb = set_attention(q.bfloat16(), v.bfloat16(), r, **kw)
         outs[backend] = (y.detach(), gv, yb.detach())
     assert outs['cpu'][2].dtype == torch.bfloat16
-    for a, b in zip(outs['cpu'], outs['reference']):
-        assert torch.allclose(a.float(), b.float(), atol=1e-5, rtol=1e-5)
+    for ours in (outs['cpu'], outs['cpu-streamed']):
+        for a, b in zip(ours, outs['reference']):
+            assert torch.allclose(a.float(), b.float(), atol=1e-5,
+                                  rtol=1e-5)
 
 
 def test_cpu_kernel_is_built_and_chosen(monkeypatch):
@@ -207,7 +225,7 @@ def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
     reason = _available(backend, q)
     if reason:
         pytest.skip(reason)
-    with set_backend(backend):
+    with _backend(backend):
         y = set_attention(q, v, r, eps=0.3, num_iters=3,
                           pos=_pos((6, 10), (4, 5), torch.float32),
                           sigma=0.5)
@@ -216,24 +234,29 @@ def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
     assert not saved, [tuple(t.shape) for t in saved]
 
 
+CPU_MODES = ['cpu', 'cpu-streamed']
+
+
+@pytest.mark.parametrize('backend', CPU_MODES)
 @pytest.mark.parametrize('threads', [2, 3])
-def test_cpu_kernel_splits_rows_when_slices_are_few(threads):
+def test_cpu_kernel_splits_rows_when_slices_are_few(threads, backend):
     """Fewer slices than threads: each slice's passes run over row chunks
     (with per-chunk column sums): the same function."""
     if not fused_cpu.available():
         pytest.skip(fused_cpu.why_unavailable())
     q, v, r = _inputs(1, threads - 1, 13 * 17, 30, 8, torch.float64, seed=5)
-    _cpu_matches_reference(threads, q, v, r, eps=0.3, num_iters=3, sigma=0.6,
-                           pos=_pos((13, 17), (5, 6), torch.float64))
+    _cpu_matches_reference(threads, q, v, r, backend, eps=0.3, num_iters=3,
+                           sigma=0.6, pos=_pos((13, 17), (5, 6),
+                                               torch.float64))
 
 
-def _cpu_matches_reference(threads, q, v, r, **kw):
-    """The CPU kernel on ``threads`` threads against the reference, float64
-    outputs and gradients."""
+def _cpu_matches_reference(threads, q, v, r, backend='cpu', **kw):
+    """The CPU kernel (``backend``: kept or streamed) on ``threads``
+    threads against the reference, float64 outputs and gradients."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        ours = _run('cpu', q, v, r, **kw)
+        ours = _run(backend, q, v, r, **kw)
         ref = _run('reference', q, v, r, **kw)
     finally:
         torch.set_num_threads(old)
@@ -241,8 +264,9 @@ def _cpu_matches_reference(threads, q, v, r, **kw):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), name
 
 
+@pytest.mark.parametrize('backend', CPU_MODES)
 @pytest.mark.parametrize('threads', [1, 2])
-def test_cpu_kernel_rescales_when_the_row_max_grows(threads):
+def test_cpu_kernel_rescales_when_the_row_max_grows(threads, backend):
     """The last row scaling and the first aggregation share one sweep over
     row blocks, kept relative to a running max of a (online softmax): with
     a growing block after block, the result is still the reference's."""
@@ -260,7 +284,7 @@ def test_cpu_kernel_rescales_when_the_row_max_grows(threads):
     r.requires_grad_()
     a, _ = sinkhorn_scalings(gibbs_kernel(q.detach(), r.detach(), 0.1), 3)
     assert a.argmax() > n * 3 // 4  # the max does move late
-    _cpu_matches_reference(threads, q, v, r, eps=0.1, num_iters=3)
+    _cpu_matches_reference(threads, q, v, r, backend, eps=0.1, num_iters=3)
 
 
 @pytest.mark.parametrize('isa', ['AVX512', 'AVX2'])
@@ -296,8 +320,25 @@ def test_cpu_kernel_builds_in_the_shared_workspace():
         y1 = set_attention(q, v, r, **kw)
         buf = set_attention_module._WORKSPACE.buf
         assert buf is not None and buf.numel() >= \
-            fused_cpu._ext.forward_workspace(6, 77, 37, 13, 13, 3)
+            fused_cpu._ext.forward_workspace(6, 77, 37, 13, 13, 3,
+                                             fused_cpu.STREAM_BYTES, 4)
         buf.fill_(float('nan'))
         y2 = set_attention(q, v, r, **kw)
         assert set_attention_module._WORKSPACE.buf is buf  # reused
     assert torch.equal(y1, y0) and torch.equal(y2, y0)
+
+
+def test_cpu_kernel_streamed_workspace_is_linear_in_n():
+    """Streamed, the kernel's workspace holds blocks of rows, not the n x m
+    kernel: growing n by 3000 rows adds O(n) elements, kept adds 3000 m."""
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    m = 750
+
+    def ws(n, stream_bytes):
+        return fused_cpu._ext.forward_workspace(1, n, m, 32, 28, 3,
+                                                stream_bytes, 4)
+    kept = ws(4000, 1 << 40) - ws(1000, 1 << 40)
+    streamed = ws(4000, 0) - ws(1000, 0)
+    assert kept >= 3000 * m
+    assert streamed <= 3000 * 8  # a few values per row

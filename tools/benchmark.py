@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmsetformer  # noqa: E402,F401
-from mmsetformer.ops import (grid_positions, reference_grid,  # noqa: E402
-                             set_attention, set_backend, transport_plan)
+from mmsetformer.ops import (fused_cpu, grid_positions,  # noqa: E402
+                             reference_grid, set_attention, set_backend,
+                             transport_plan)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -154,6 +155,16 @@ def bench_operator(args, device, report):
             'softmax (SDPA)': lambda: F.scaled_dot_product_attention(q, k, v),
             'window 7x7': lambda: window_attention(q, k, v, hw),
         }
+        if not cuda and fused_cpu.available():
+            def set_streamed():
+                # the CPU kernel rebuilding every pass's blocks (O(n)
+                # memory), as it does by default only for huge kernels
+                old, fused_cpu.STREAM_BYTES = fused_cpu.STREAM_BYTES, 0
+                try:
+                    return set_op()
+                finally:
+                    fused_cpu.STREAM_BYTES = old
+            fns['SeT (streamed)'] = set_streamed
         if cuda:
             def set_triton():
                 with set_backend('triton'):
@@ -555,14 +566,17 @@ def to_markdown(report) -> str:
         if len(ns) >= 2:
             out += ['', 'SeT scaling from the smallest to the largest n '
                     f'(×{ns[-1] / ns[0]:.0f} tokens; linear = 1.00):', '',
-                    '| mode | time ratio / linear | memory ratio / linear |',
+                    '| implementation, mode | time ratio / linear | memory '
+                    'ratio / linear |',
                     '| --- | --- | --- |']
-            for mode in ('forward', 'forward+backward'):
-                a, b = by[(ns[0], mode)]['SeT'], by[(ns[-1], mode)]['SeT']
-                f = ns[-1] / ns[0]
-                out.append(f'| {mode} | {b["time"] / a["time"] / f:.2f} | '
-                           f'{b["peak_mem"] / a["peak_mem"] / f:.2f} |')
-            batched = op.get('batched')
+            for name in [k for k in names if k.startswith('SeT')]:
+                for mode in ('forward', 'forward+backward'):
+                    a, b = by[(ns[0], mode)][name], by[(ns[-1], mode)][name]
+                    f = ns[-1] / ns[0]
+                    out.append(f'| {name}, {mode} | '
+                               f'{b["time"] / a["time"] / f:.2f} | '
+                               f'{b["peak_mem"] / a["peak_mem"] / f:.2f} |')
+        batched = op.get('batched')
         if batched:
             total = batched[0]['n'] * batched[0]['batch']
             out += ['', f'SeT at a constant {total} tokens (B images of n '
@@ -675,7 +689,6 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    from mmsetformer.ops import fused_cpu
     kernel = f'SeT CPU kernel {fused_cpu.ISA}' if fused_cpu.available() \
         else 'no SeT CPU kernel'
     return (f'{cpu}, {torch.get_num_threads()} threads, torch '

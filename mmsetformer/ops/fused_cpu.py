@@ -1,7 +1,8 @@
 """Fused SeT on the CPU: the compiled kernel of ``csrc/set_cpu.cpp``.
 
 Each (batch, head) slice runs start to finish on one thread with its
-kernel in a per-thread workspace (cache-resident for small slices), one
+kernel in a per-thread workspace (cache-resident for small slices; rebuilt
+block by block on every pass for huge ones, see ``STREAM_BYTES``), one
 fused sweep per Sinkhorn iteration, and the backward rebuilds the kernel
 instead of keeping it: no n x m tensor outlives a call.  Built by
 ``pip install -e .`` (``setup.py``); where it is missing, or the CPU lacks
@@ -9,6 +10,7 @@ the instructions it was built for, :func:`available` is False and the
 reference runs.
 """
 import importlib
+import os
 import platform
 from typing import Dict
 
@@ -56,6 +58,18 @@ def _load():
 
 _ext, ISA, _UNAVAILABLE = _load()
 
+# A slice whose n x m kernel is larger than this streams it: every pass
+# rebuilds its blocks of rows in a small buffer instead of reading a kernel
+# kept in the workspace (csrc/set_cpu.cpp, KernelRows), so the workspace is
+# O(n) instead of O(n m) per thread and time per token does not depend on
+# n.  Measured (Intel Xeon, AVX-512, m = 750): rebuilding a block costs as
+# much as reading a kept one from DRAM (n = 50176: 4 % slower), in cache
+# twice as much (n = 3136), and SeTformer-T at 800 x 1344 ran 8 % slower
+# streaming stride 4; so it is kept up to sizes where its memory is the
+# concern (1 GiB: e.g. n = 358k tokens at m = 750).
+STREAM_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_STREAM_BYTES',
+                                        2**30)))
+
 
 def available() -> bool:
     """Whether the compiled CPU kernel can run here."""
@@ -79,13 +93,14 @@ class SeTCPUFunction(torch.autograd.Function):
         # paid again in page faults (~1/4 of the time at stride 4 of an
         # 800 x 1344 image)
         m, dp = rf.shape[-2:]
-        ws = _workspace((_ext.forward_workspace(B * h, n, m, dp, d,
-                                                num_iters), ),
-                        qf.dtype, qf.device)
-        y, *saved = _ext.forward(qf3, rf3, v3, num_iters, ws)
+        ws = _workspace((_ext.forward_workspace(
+            B * h, n, m, dp, d, num_iters, STREAM_BYTES,
+            qf.element_size()), ), qf.dtype, qf.device)
+        y, *saved = _ext.forward(qf3, rf3, v3, num_iters, STREAM_BYTES, ws)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(qf3, rf3, v3, y, *saved)
             ctx.dims = B, h
+            ctx.stream_bytes = STREAM_BYTES  # the backward does the same
         return y.view(B, h, n, d)
 
     @staticmethod
@@ -95,6 +110,6 @@ class SeTCPUFunction(torch.autograd.Function):
         need_q, need_r = ctx.needs_input_grad[:2]
         gq, gr, gv = _ext.backward(qf3, rf3, v3, y,
                                    gy.reshape(y.shape).contiguous(), *saved,
-                                   need_q, need_r)
+                                   need_q, need_r, ctx.stream_bytes)
         return _grads_from_slices(B, h, gq if need_q else None,
                                   gr if need_r else None, gv)

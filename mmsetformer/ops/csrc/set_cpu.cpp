@@ -1,7 +1,8 @@
 // Fused SeT on the CPU: one (batch, head) slice at a time, its n x m kernel
 // in a per-thread buffer (in cache for small slices; for large ones, T + 2
 // sweeps from memory forward: build, T - 1 Sinkhorn sweeps, the last row
-// scaling fused with the first aggregation, the second aggregation).
+// scaling fused with the first aggregation, the second aggregation), or,
+// for huge ones, rebuilt block by block in every sweep (KernelRows).
 //
 // The reference (mmsetformer/ops/set_attention.py, `_SeTFunction`) runs each
 // pass over the kernels of all slices before the next, so a kernel larger
@@ -45,8 +46,6 @@ using at::vec::Vectorized;
 // As LOG_KERNEL_FLOOR in set_attention.py: entries of log K below the row
 // max minus this are clamped (and pass no gradient).
 constexpr double kLogFloor = 30.0;
-// Rows of dL/dK built at a time in the backward (a cache-sized block).
-constexpr int64_t kGradBlockElems = 1 << 15;
 
 inline void blas_gemm(char ta, char tb, int m, int n, int k, float alpha,
                       const float *a, int lda, const float *b, int ldb,
@@ -177,75 +176,99 @@ struct Rows {
   }
 };
 
-// build_kernel for rows [r0, r1) (s: this chunk's partial).
+// Rows [i0, i0 + nb) of K into Kb (nb x m): exp(max(l - rowmax, -floor))
+// for the logits l = qf rf^T of those rows.  fresh: the row maxima are
+// computed into mx (and the row sums into sum, if given); else mx holds
+// them from an earlier build of the same block, whose entries this one
+// repeats exactly (the same GEMM on the same rows).
 template <typename T>
-void build_rows_of(const T *qf, const T *rf, int64_t n, int64_t m,
-                   int64_t dp, T *K, T *u, T *a, T *s, int64_t r0,
-                   int64_t r1) {
+void kernel_block(const T *qf, const T *rf, int64_t m, int64_t dp,
+                  int64_t nb, T *Kb, T *mx, bool fresh, T *sum) {
   using V = Vectorized<T>;
   const V lo(static_cast<T>(-kLogFloor));
-  const int64_t rows = build_rows<T>(m);
-  if (s) std::fill(s, s + m, T(0));
-  for (int64_t i0 = r0; i0 < r1; i0 += rows) {
-    const int64_t nb = std::min(rows, r1 - i0);
-    mm<T>(false, true, nb, m, dp, T(1), qf + i0 * dp, dp, rf, dp, T(0),
-          K + i0 * m, m);
-    for (int64_t i = i0; i < i0 + nb; ++i) {
-      T *row = K + i * m;
-      T mx = -std::numeric_limits<T>::infinity();
-      int64_t j = 0;
+  mm<T>(false, true, nb, m, dp, T(1), qf, dp, rf, dp, T(0), Kb, m);
+  for (int64_t i = 0; i < nb; ++i) {
+    T *row = Kb + i * m;
+    int64_t j = 0;
+    if (fresh) {
       // a NaN may slip past clamp_min here: it reaches K (and the
       // output) through the exp pass all the same
+      T top = -std::numeric_limits<T>::infinity();
       if (m >= V::size()) {
         V vmx = V::loadu(row);
         for (j = V::size(); j + V::size() <= m; j += V::size())
           vmx = at::vec::clamp_min(vmx, V::loadu(row + j));
         T lanes[V::size()];
         vmx.store(lanes);
-        for (int64_t l = 0; l < V::size(); ++l) mx = std::max(mx, lanes[l]);
+        for (int64_t l = 0; l < V::size(); ++l) top = std::max(top, lanes[l]);
       }
-      for (; j < m; ++j) mx = std::max(mx, row[j]);
-      const V vmx(mx);
-      V acc(T(0));
-      for (j = 0; j + V::size() <= m; j += V::size()) {
-        V e = vexp(at::vec::clamp_min(V::loadu(row + j) - vmx, lo));
-        e.store(row + j);
-        acc = acc + e;
-      }
-      T sum = hsum(acc);
-      if (j < m) {
-        const int64_t c = m - j;
-        T lanes[V::size()];
-        vexp(at::vec::clamp_min(V::loadu(row + j, c) - vmx, lo)).store(lanes);
-        for (int64_t l = 0; l < c; ++l) {
-          row[j + l] = lanes[l];
-          sum += lanes[l];
-        }
-      }
-      if (u) u[i] = sum;
-      if (s) {
-        a[i] = safe_div(T(1) / n, sum);
-        axpy(a[i], row, s, m);
+      for (; j < m; ++j) top = std::max(top, row[j]);
+      mx[i] = top;
+    }
+    const V vmx(mx[i]);
+    V acc(T(0));
+    for (j = 0; j + V::size() <= m; j += V::size()) {
+      V e = vexp(at::vec::clamp_min(V::loadu(row + j) - vmx, lo));
+      e.store(row + j);
+      acc = acc + e;
+    }
+    T total = hsum(acc);
+    if (j < m) {
+      const int64_t c = m - j;
+      T lanes[V::size()];
+      vexp(at::vec::clamp_min(V::loadu(row + j, c) - vmx, lo)).store(lanes);
+      for (int64_t l = 0; l < c; ++l) {
+        row[j + l] = lanes[l];
+        total += lanes[l];
       }
     }
+    if (sum) sum[i] = total;
   }
 }
 
-// K = exp(max(qf rf^T - rowmax, -floor)) into K (n x m), a block of rows at
-// a time.  With u, the row sums u = K 1; with a and s as well, the first
-// Sinkhorn step on the hot rows: a = 1 / (n u), s = K^T a (per-chunk
-// partials of s in scratch).
+// Where a pass over the kernel reads its rows from.  Kept: the whole n x m
+// kernel, built by the first pass and read by the others.  Streamed: no
+// n x m buffer; every pass rebuilds each block of rows in a small buffer
+// of its chunk.  A kept kernel larger than the caches is read from DRAM on
+// every pass; rebuilding a block (one GEMM with dp-wide rows and an exp,
+// from the row maxima of the first pass) costs less than that, so slices
+// whose kernel exceeds `stream_bytes` stream, and time per token no longer
+// grows with n.
 template <typename T>
-void build_kernel(const T *qf, const T *rf, int64_t n, int64_t m, int64_t dp,
-                  T *K, T *u, T *a = nullptr, T *s = nullptr,
-                  T *scratch = nullptr) {
-  const Rows R(n);
-  R.run([&](int64_t c, int64_t r0, int64_t r1) {
-    build_rows_of(qf, rf, n, m, dp, K, u, a,
-                  s ? R.partial(s, scratch, c, m) : nullptr, r0, r1);
-  });
-  if (s) R.reduce(s, scratch, m);
-}
+struct KernelRows {
+  const T *qf, *rf;
+  int64_t m, dp, rows;  // rows: per block (a cache-sized block)
+  T *K;                 // n x m when kept, else null
+  T *mx;                // n row maxima, from the first pass
+  T *buf;               // chunks x rows x m when streamed
+
+  // fn(i0, nb, Kb) for every block [i0, i0 + nb) of rows [r0, r1) of
+  // chunk ch; first: the first pass (builds, computes the maxima and, with
+  // sum, the row sums)
+  template <typename F>
+  void blocks(int64_t ch, int64_t r0, int64_t r1, bool first, T *sum,
+              F &&fn) const {
+    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
+      const int64_t nb = std::min(rows, r1 - i0);
+      T *Kb = K ? K + i0 * m : buf + ch * rows * m;
+      if (first || !K)
+        kernel_block(qf + i0 * dp, rf, m, dp, nb, Kb, mx + i0, first,
+                     sum ? sum + i0 : nullptr);
+      fn(i0, nb, static_cast<const T *>(Kb));
+    }
+  }
+};
+
+// A workspace carved into consecutive buffers.
+template <typename T>
+struct Carve {
+  T *p;
+  T *take(int64_t len) {
+    T *out = p;
+    p += len;
+    return out;
+  }
+};
 
 inline int64_t pad8(int64_t x) { return (x + 7) / 8 * 8; }
 
@@ -256,8 +279,21 @@ inline int64_t pad8(int64_t x) { return (x + 7) / 8 * 8; }
 template <typename T>
 struct Dims {
   int64_t n, m, dp, d, iters;
+  bool stream;  // rebuild the kernel's blocks in every pass (KernelRows)
   int64_t c() const { return pad8(d + 1); }
   int64_t rank() const { return 2 * c() + pad8(1 + 2 * iters); }
+  int64_t rows() const { return build_rows<T>(m); }
+  // the kernel's buffers: kept n x m, or a block per chunk; + the maxima
+  int64_t kernel_ws(int64_t chunks) const {
+    return (stream ? chunks * rows() * m : n * m) + n;
+  }
+  KernelRows<T> kernel(const T *qf, const T *rf, Carve<T> &ws,
+                       int64_t chunks) const {
+    T *K = stream ? nullptr : ws.take(n * m);
+    T *mx = ws.take(n);
+    T *buf = stream ? ws.take(chunks * rows() * m) : nullptr;
+    return {qf, rf, m, dp, rows(), K, mx, buf};
+  }
 };
 
 // x *= a
@@ -266,13 +302,14 @@ void scale(T a, T *x, int64_t len) {
   for (int64_t j = 0; j < len; ++j) x[j] *= a;
 }
 
-// Rows [i0, i1) of X4 = [a^ v | a^ | 0...] (c columns), a^ = a / top.
+// Rows [i0, i1) of X4 = [a^ v | a^ | 0...] (c columns), a^ = a / top, into
+// X4b (a block: row i at X4b + (i - i0) c).
 template <typename T>
 void rows_x4(const T *a, const T *v, T top, int64_t d, int64_t c, int64_t i0,
-             int64_t i1, T *X4) {
+             int64_t i1, T *X4b) {
   for (int64_t i = i0; i < i1; ++i) {
     const T ah = a[i] / top;
-    T *x = X4 + i * c;
+    T *x = X4b + (i - i0) * c;
     for (int64_t k = 0; k < d; ++k) x[k] = ah * v[i * d + k];
     x[d] = ah;
     std::fill(x + d + 1, x + c, T(0));
@@ -288,79 +325,72 @@ struct Saved {
 };
 
 // Workspace of one slice; `chunks` row chunks need chunks - 1 partials of
-// the column sums (m x c for z; m x dp for dL/drf in the backward).
+// the column sums (m x c for z; m x max(dp, c) in the backward).
 template <typename T>
 int64_t forward_ws(const Dims<T> &D, int64_t chunks) {
-  return D.n * D.m + 2 * D.n * D.c() + 2 * D.m * D.c() +
-         (chunks - 1) * D.m * D.c();
+  const int64_t c = D.c();
+  return D.kernel_ws(chunks) + chunks * D.rows() * c + 2 * D.m * c +
+         (chunks - 1) * D.m * c;
 }
 
+// One slice: T + 2 passes over the kernel's rows.  Pass t <= T: u_t = K b_t
+// (the row sums in the first pass, b_0 = 1), a_t = 1 / (n u_t) and, for
+// t < T, that block's share of s_t = K^T a_t while its rows are hot; in
+// the last of them (t = T) the block's share of [Z~ | s4] = K^T [a^ v | a^]
+// instead.  Then [Y~ | w] = K [b^ z | b^].
 template <typename T>
 void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
                    T *y, const Saved<T> &S, T *ws) {
-  const int64_t n = D.n, m = D.m, d = D.d, c = D.c(), iters = D.iters;
-  T *K = ws, *X4 = K + n * m, *Y5 = X4 + n * c, *Z4 = Y5 + n * c,
-    *X5 = Z4 + m * c, *part = X5 + m * c;
+  const int64_t n = D.n, m = D.m, d = D.d, c = D.c(), iters = D.iters,
+                rows = D.rows();
   const T inv_n = T(1) / n, inv_m = T(1) / m;
   const Rows R(n);
+  Carve<T> W{ws};
+  const KernelRows<T> KR = D.kernel(qf, rf, W, R.chunks);
+  T *Xb = W.take(R.chunks * rows * c), *Z4 = W.take(m * c),
+    *X5 = W.take(m * c), *part = W.take((R.chunks - 1) * m * c);
   std::fill(S.b, S.b + m, T(1));
-  // the kernel, u_0 = K 1 and, on the hot rows, Sinkhorn's first step
-  if (iters > 0)
-    build_kernel(qf, rf, n, m, D.dp, K, S.u, S.a, S.s, part);
-  else
-    build_kernel(qf, rf, n, m, D.dp, K, S.u);
-  // Sinkhorn: step t reads K once: u_t = K b_t (row), a_t, s_t += a_t K
-  for (int64_t t = 0; t < iters; ++t) {
-    T *s = S.s + t * m;
-    if (t > 0) {
-      const T *b = S.b + t * m;
-      T *u = S.u + t * n, *a = S.a + t * n;
-      R.run([&](int64_t ch, int64_t r0, int64_t r1) {
-        T *sc = R.partial(s, part, ch, m);
-        std::fill(sc, sc + m, T(0));
-        for (int64_t i = r0; i < r1; ++i) {
-          const T *row = K + i * m;
-          u[i] = dot(row, b, m);
+  // a^ = a_T / max(a_T): the max runs over all rows, so a chunk keeps its
+  // z sums relative to its running max and rescales them when the max
+  // grows (as online softmax does); chunks are merged at the common max.
+  std::vector<T> tops(R.chunks);
+  for (int64_t t = 0; t <= iters; ++t) {
+    const bool last = t == iters;
+    const T *b = S.b + t * m;
+    T *u = S.u + t * n, *a = S.a + t * n, *s = last ? nullptr : S.s + t * m;
+    R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+      T *sc = s ? R.partial(s, part, ch, m) : nullptr;
+      T *Zc = ch == 0 ? Z4 : part + (ch - 1) * m * c;
+      T *X4b = Xb + ch * rows * c;
+      T top = std::numeric_limits<T>::min();
+      if (sc) std::fill(sc, sc + m, T(0));
+      if (last) std::fill(Zc, Zc + m * c, T(0));
+      KR.blocks(ch, r0, r1, t == 0, u, [&](int64_t i0, int64_t nb,
+                                           const T *Kb) {
+        T blk = top;
+        for (int64_t i = i0; i < i0 + nb; ++i) {
+          const T *row = Kb + (i - i0) * m;
+          if (t > 0) u[i] = dot(row, b, m);
           a[i] = safe_div(inv_n, u[i]);
-          axpy(a[i], row, sc, m);
+          if (sc) axpy(a[i], row, sc, m);
+          blk = std::max(blk, a[i]);
         }
+        if (!last) return;
+        if (blk > top) scale(top / blk, Zc, m * c);
+        top = blk;
+        rows_x4(a, v, top, d, c, i0, i0 + nb, X4b);
+        mm<T>(true, false, m, c, nb, T(1), Kb, m, X4b, c, T(1), Zc, c);
       });
-      R.reduce(s, part, m);
-    }
+      if (last) tops[ch] = top;
+    });
+    if (last) break;
+    R.reduce(s, part, m);
     T *b_next = S.b + (t + 1) * m;
     for (int64_t j = 0; j < m; ++j) b_next[j] = safe_div(inv_m, s[j]);
   }
   const T *b = S.b + iters * m;
-  T *u = S.u + iters * n, *a = S.a + iters * n;
   T b_top = std::numeric_limits<T>::min();
   for (int64_t j = 0; j < m; ++j) b_top = std::max(b_top, b[j]);
-  // The last row scaling and z in one sweep: a block's u_T = K b_T and a_T
-  // while its rows are hot, then its share of [Z~ | s4] = K^T [a^ v | a^],
-  // a^ = a / max(a).  The max runs over all rows, so a chunk keeps its sums
-  // relative to its running max and rescales them when the max grows (as
-  // online softmax does); chunks are merged at the common max.
-  const int64_t rows = build_rows<T>(m);
-  std::vector<T> tops(R.chunks);
-  R.run([&](int64_t ch, int64_t r0, int64_t r1) {
-    T *Zc = ch == 0 ? Z4 : part + (ch - 1) * m * c;
-    std::fill(Zc, Zc + m * c, T(0));
-    T top = std::numeric_limits<T>::min();
-    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
-      const int64_t nb = std::min(rows, r1 - i0);
-      T blk = top;
-      for (int64_t i = i0; i < i0 + nb; ++i) {
-        if (iters > 0) u[i] = dot(K + i * m, b, m);
-        a[i] = safe_div(inv_n, u[i]);
-        blk = std::max(blk, a[i]);
-      }
-      if (blk > top) scale(top / blk, Zc, m * c);
-      top = blk;
-      rows_x4(a, v, top, d, c, i0, i0 + nb, X4);
-      mm<T>(true, false, m, c, nb, T(1), K + i0 * m, m, X4 + i0 * c, c,
-            T(1), Zc, c);
-    }
-    tops[ch] = top;
-  });
   const T a_top = *std::max_element(tops.begin(), tops.end());
   scale(tops[0] / a_top, Z4, m * c);
   for (int64_t ch = 1; ch < R.chunks; ++ch)
@@ -381,48 +411,47 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   // y_i = sum_j P_ij z_j / sum_j P_ij: [Y~ | w] = K [b^ z | b^], by blocks
   // of rows over the chunks (BLAS splits one tall-skinny product over the
   // pool poorly)
-  R.run([&](int64_t, int64_t r0, int64_t r1) {
-    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
-      const int64_t nb = std::min(rows, r1 - i0);
-      mm<T>(false, false, nb, c, m, T(1), K + i0 * m, m, X5, c, T(0),
-            Y5 + i0 * c, c);
+  R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+    T *Y5 = Xb + ch * rows * c;
+    KR.blocks(ch, r0, r1, false, nullptr, [&](int64_t i0, int64_t nb,
+                                              const T *Kb) {
+      mm<T>(false, false, nb, c, m, T(1), Kb, m, X5, c, T(0), Y5, c);
       for (int64_t i = i0; i < i0 + nb; ++i) {
-        const T w = Y5[i * c + d];
-        S.w[i] = w;
-        for (int64_t k = 0; k < d; ++k) y[i * d + k] = Y5[i * c + k] / w;
+        const T *y5 = Y5 + (i - i0) * c;
+        S.w[i] = y5[d];
+        for (int64_t k = 0; k < d; ++k) y[i * d + k] = y5[k] / y5[d];
       }
-    }
+    });
   });
-}
-
-template <typename T>
-int64_t grad_rows(const Dims<T> &D) {
-  return std::max<int64_t>(1, std::min(D.n, kGradBlockElems / D.m));
 }
 
 template <typename T>
 int64_t backward_ws(const Dims<T> &D, int64_t chunks) {
   const int64_t r = D.rank(), c = D.c();
-  return D.n * D.m + D.n * r + D.m * r + D.n * c + D.m * c +
-         chunks * grad_rows(D) * D.m + 3 * D.m +
-         (chunks - 1) * D.m * std::max<int64_t>(D.dp, 1);
+  return D.kernel_ws(chunks) + D.n * r + D.m * r + chunks * D.rows() * c +
+         D.m * c + chunks * D.rows() * D.m + 3 * D.m +
+         (chunks - 1) * D.m * std::max(D.dp, c);
 }
 
 // Gradients of one slice.  dL/dK is gathered as U V^T, one rank-(d+1) term
 // per aggregation and one rank-1 term per Sinkhorn product; then
-// dL/dlogK = dL/dK * K (0 where clamped) a block of rows at a time.
+// dL/dlogK = dL/dK * K (0 where clamped) a block of rows at a time.  T + 3
+// passes over the kernel's rows: K^T G5, then K G4 with K^T gu_T on the
+// same rows, one per Sinkhorn step in reverse, and dL/dlogK.
 template <typename T>
 void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
                     const T *y, const T *gy, const Saved<T> &S, T *gqf,
                     T *grf, T *gv, T *ws) {
   const int64_t n = D.n, m = D.m, dp = D.dp, d = D.d, c = D.c(),
-                iters = D.iters, r = D.rank();
+                iters = D.iters, r = D.rank(), rows = D.rows();
   const Rows R(n);
-  const int64_t rows = grad_rows(D);
-  T *K = ws, *U = K + n * m, *Vf = U + n * r, *gX4 = Vf + m * r,
-    *gX5 = gX4 + n * c, *G = gX5 + m * c, *gb = G + R.chunks * rows * m,
-    *gb_next = gb + m, *gs = gb_next + m, *part = gs + m;
-  build_kernel(qf, rf, n, m, dp, K, static_cast<T *>(nullptr));
+  Carve<T> W{ws};
+  const KernelRows<T> KR = D.kernel(qf, rf, W, R.chunks);
+  T *U = W.take(n * r), *Vf = W.take(m * r),
+    *Xb = W.take(R.chunks * rows * c), *gX5 = W.take(m * c),
+    *G = W.take(R.chunks * rows * m), *gb = W.take(m),
+    *gb_next = W.take(m), *gs = W.take(m),
+    *part = W.take((R.chunks - 1) * m * std::max(dp, c));
   std::fill(U, U + n * r, T(0));
   std::fill(Vf, Vf + m * r, T(0));
   const T a_top = S.tops[0], b_top = S.tops[1];
@@ -443,7 +472,16 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     for (int64_t k = 0; k < d; ++k) Vf[j * r + k] = bh * S.z[j * d + k];
     Vf[j * r + d] = bh;
   }
-  mm<T>(true, false, m, c, n, T(1), K, m, U, r, T(0), gX5, c);
+  // gX5 = K^T G5 (per-chunk partials)
+  R.run([&](int64_t ch, int64_t r0, int64_t r1) {
+    T *gc = R.partial(gX5, part, ch, m * c);
+    std::fill(gc, gc + m * c, T(0));
+    KR.blocks(ch, r0, r1, true, nullptr, [&](int64_t i0, int64_t nb,
+                                             const T *Kb) {
+      mm<T>(true, false, m, c, nb, T(1), Kb, m, U + i0 * r, r, T(1), gc, c);
+    });
+  });
+  R.reduce(gX5, part, m * c);
   // z = Z~ / s4 with [Z~ | s4] = K^T X4: X4 in U[:, c:2c], G4 in V
   for (int64_t j = 0; j < m; ++j) {
     const T bh = b_T[j] / b_top;
@@ -458,32 +496,36 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     g4[d] = -dzz;
     gb[j] = gbh / b_top;
   }
-  mm<T>(false, false, n, c, m, T(1), K, m, Vf + c, r, T(0), gX4, c);
   const int64_t cT = 2 * c;  // the last row scaling's column
-  for (int64_t i = 0; i < n; ++i) {
-    const T ah = a_T[i] / a_top;
-    T *x4 = U + i * r + c;
-    T gah = gX4[i * c + d];
-    for (int64_t k = 0; k < d; ++k) {
-      const T gxk = gX4[i * c + k];
-      x4[k] = ah * v[i * d + k];
-      gv[i * d + k] = ah * gxk;
-      gah += v[i * d + k] * gxk;
-    }
-    x4[d] = ah;
-    // a_T = 1 / (n u_T), u_T = K b_T
-    U[i * r + cT] = safe_div_grad(gah / a_top, a_T[i], u_T[i]);
-  }
   for (int64_t j = 0; j < m; ++j) Vf[j * r + cT] = b_T[j];
-  // gb += K^T gu_T (gb holds the aggregation's part: chunk 0 adds to it)
+  // gX4 = K G4 by blocks; on the same rows, a_T = 1 / (n u_T) with
+  // u_T = K b_T: gu_T, and gb += K^T gu_T (gb holds the aggregation's
+  // part: chunk 0 adds to it)
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
-    T *gc = R.partial(gb, part, ch, m);
+    T *gc = R.partial(gb, part, ch, m), *gX4 = Xb + ch * rows * c;
     if (ch > 0) std::fill(gc, gc + m, T(0));
-    for (int64_t i = r0; i < r1; ++i) axpy(U[i * r + cT], K + i * m, gc, m);
+    KR.blocks(ch, r0, r1, false, nullptr, [&](int64_t i0, int64_t nb,
+                                              const T *Kb) {
+      mm<T>(false, false, nb, c, m, T(1), Kb, m, Vf + c, r, T(0), gX4, c);
+      for (int64_t i = i0; i < i0 + nb; ++i) {
+        const T ah = a_T[i] / a_top, *gx = gX4 + (i - i0) * c;
+        T *x4 = U + i * r + c;
+        T gah = gx[d];
+        for (int64_t k = 0; k < d; ++k) {
+          x4[k] = ah * v[i * d + k];
+          gv[i * d + k] = ah * gx[k];
+          gah += v[i * d + k] * gx[k];
+        }
+        x4[d] = ah;
+        const T gu = safe_div_grad(gah / a_top, a_T[i], u_T[i]);
+        U[i * r + cT] = gu;
+        axpy(gu, Kb + (i - i0) * m, gc, m);
+      }
+    });
   });
   R.reduce(gb, part, m);
   // Sinkhorn in reverse; step t: b_{t+1} = 1 / (m s_t), s_t = K^T a_t,
-  // a_t = 1 / (n u_t), u_t = K b_t.  One fused row sweep per step.
+  // a_t = 1 / (n u_t), u_t = K b_t.  One fused pass per step.
   for (int64_t t = iters - 1; t >= 0; --t) {
     const T *a_t = S.a + t * n, *u_t = S.u + t * n, *b_t = S.b + t * m,
             *s_t = S.s + t * m, *b_next = S.b + (t + 1) * m;
@@ -496,13 +538,16 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     R.run([&](int64_t ch, int64_t r0, int64_t r1) {
       T *gc = R.partial(gb_next, part, ch, m);
       if (t > 0) std::fill(gc, gc + m, T(0));
-      for (int64_t i = r0; i < r1; ++i) {
-        const T *row = K + i * m;
-        const T gu = safe_div_grad(dot(row, gs, m), a_t[i], u_t[i]);
-        U[i * r + ca] = a_t[i];
-        U[i * r + cu] = gu;
-        if (t > 0) axpy(gu, row, gc, m);
-      }
+      KR.blocks(ch, r0, r1, false, nullptr, [&](int64_t i0, int64_t nb,
+                                                const T *Kb) {
+        for (int64_t i = i0; i < i0 + nb; ++i) {
+          const T *row = Kb + (i - i0) * m;
+          const T gu = safe_div_grad(dot(row, gs, m), a_t[i], u_t[i]);
+          U[i * r + ca] = a_t[i];
+          U[i * r + cu] = gu;
+          if (t > 0) axpy(gu, row, gc, m);
+        }
+      });
     });
     if (t > 0) R.reduce(gb_next, part, m);
     std::swap(gb, gb_next);
@@ -511,20 +556,19 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   const T floor_ = std::exp(static_cast<T>(-kLogFloor));
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
     T *Gc = G + ch * rows * m, *grc = R.partial(grf, part, ch, m * dp);
-    for (int64_t i0 = r0; i0 < r1; i0 += rows) {
-      const int64_t nb = std::min(rows, r1 - i0);
+    if (grf) std::fill(grc, grc + m * dp, T(0));
+    KR.blocks(ch, r0, r1, false, nullptr, [&](int64_t i0, int64_t nb,
+                                              const T *Kb) {
       mm<T>(false, true, nb, m, r, T(1), U + i0 * r, r, Vf, r, T(0), Gc, m);
-      const T *Kb = K + i0 * m;
       for (int64_t e = 0; e < nb * m; ++e)
         Gc[e] = Kb[e] > floor_ ? Gc[e] * Kb[e] : T(0);
       if (gqf)
         mm<T>(false, false, nb, dp, m, T(1), Gc, m, rf, dp, T(0),
               gqf + i0 * dp, dp);
       if (grf)
-        mm<T>(true, false, m, dp, nb, T(1), Gc, m, qf + i0 * dp, dp,
-              i0 == r0 ? T(0) : T(1), grc, dp);
-    }
-    if (grf && r0 == r1) std::fill(grc, grc + m * dp, T(0));
+        mm<T>(true, false, m, dp, nb, T(1), Gc, m, qf + i0 * dp, dp, T(1),
+              grc, dp);
+    });
   });
   if (grf) R.reduce(grf, part, m * dp);
 }
@@ -593,15 +637,31 @@ Saved<T> saved_of(int64_t s, int64_t n, int64_t m, int64_t d, int64_t iters,
           t[6].data_ptr<T>() + s * n,     t[7].data_ptr<T>() + s * 2};
 }
 
-// Elements of set_forward's workspace for these shapes (S slices).
+// Slices whose n x m kernel is larger than stream_bytes stream it (see
+// KernelRows).
+template <typename T>
+Dims<T> dims(int64_t n, int64_t m, int64_t dp, int64_t d, int64_t iters,
+             int64_t stream_bytes) {
+  return {n, m, dp, d, iters,
+          n * m * static_cast<int64_t>(sizeof(T)) > stream_bytes};
+}
+
+// Elements of set_forward's workspace for these shapes (S slices) and
+// element size (4: float, 8: double).
 int64_t forward_workspace(int64_t S, int64_t n, int64_t m, int64_t dp,
-                          int64_t d, int64_t iters) {
-  const Dims<float> D{n, m, dp, d, iters};
-  return slices_ws(S, [&](int64_t ch) { return forward_ws(D, ch); });
+                          int64_t d, int64_t iters, int64_t stream_bytes,
+                          int64_t itemsize) {
+  auto elems = [&](auto D) {
+    return slices_ws(S, [&](int64_t ch) { return forward_ws(D, ch); });
+  };
+  return itemsize == 8
+             ? elems(dims<double>(n, m, dp, d, iters, stream_bytes))
+             : elems(dims<float>(n, m, dp, d, iters, stream_bytes));
 }
 
 std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
                                        torch::Tensor v, int64_t iters,
+                                       int64_t stream_bytes,
                                        c10::optional<torch::Tensor> ws_in) {
   check(qf, "qf", 3);
   check(rf, "rf", 3);
@@ -627,7 +687,7 @@ std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
   const std::vector<torch::Tensor> saved{A, Uv, Bv, Sv, z, s4, w, tops};
   AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "set_forward", [&] {
     using T = scalar_t;
-    const Dims<T> D{n, m, dp, d, iters};
+    const Dims<T> D = dims<T>(n, m, dp, d, iters, stream_bytes);
     const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(), *vp = v.data_ptr<T>();
     T *yp = y.data_ptr<T>();
     auto ws_elems = [&](int64_t ch) { return forward_ws(D, ch); };
@@ -646,7 +706,7 @@ std::vector<torch::Tensor> set_backward(
     torch::Tensor qf, torch::Tensor rf, torch::Tensor v, torch::Tensor y,
     torch::Tensor gy, torch::Tensor A, torch::Tensor Uv, torch::Tensor Bv,
     torch::Tensor Sv, torch::Tensor z, torch::Tensor s4, torch::Tensor w,
-    torch::Tensor tops, bool need_qf, bool need_rf) {
+    torch::Tensor tops, bool need_qf, bool need_rf, int64_t stream_bytes) {
   for (auto *t : {&qf, &rf, &v, &y, &gy})
     TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->device().is_cpu(),
                 "set_backward: inputs must be contiguous 3-D CPU tensors");
@@ -663,7 +723,7 @@ std::vector<torch::Tensor> set_backward(
                 "set_backward: saved tensors must be contiguous, one dtype");
   AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "set_backward", [&] {
     using T = scalar_t;
-    const Dims<T> D{n, m, dp, d, iters};
+    const Dims<T> D = dims<T>(n, m, dp, d, iters, stream_bytes);
     const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(),
             *vp = v.data_ptr<T>(), *yp = y.data_ptr<T>(),
             *gyp = gy.data_ptr<T>();
@@ -687,8 +747,9 @@ std::vector<torch::Tensor> set_backward(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &set_forward, "SeT forward (fused, CPU)",
           py::arg("qf"), py::arg("rf"), py::arg("v"), py::arg("iters"),
-          py::arg("workspace") = py::none());
+          py::arg("stream_bytes"), py::arg("workspace") = py::none());
   mod.def("forward_workspace", &forward_workspace,
-          "elements of the forward's workspace (S, n, m, dp, d, iters)");
+          "elements of the forward's workspace (S, n, m, dp, d, iters, "
+          "stream_bytes, itemsize)");
   mod.def("backward", &set_backward, "SeT backward (fused, CPU)");
 }
