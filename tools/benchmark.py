@@ -183,7 +183,10 @@ def bench_operator(args, device, report):
         for mode in ('forward', 'forward+backward'):
             cands = {name: _operator_call(fn, leaves, mode != 'forward')
                      for name, fn in fns.items()}
-            reps = 1 if big_sdpa or args.quick else _repeats(args, device)
+            # milliseconds on a shared machine: many repeats for a stable
+            # median where each costs little
+            reps = 1 if big_sdpa or args.quick else _repeats(args, device) \
+                if n > 20000 else max(10, _repeats(args, device))
             times = Interleaved(device, reps, warmup=0 if big_sdpa else 1
                                 ).run(cands)
             for name, fn in cands.items():
@@ -343,11 +346,14 @@ def bench_backbone(args, device, report):
                 scaler.update()
             return call
 
-        reps = 1 if args.quick or (h > 512 and device.type == 'cpu') \
-            else _repeats(args, device)
         for (mode, make), amp in [(mk, amp) for mk in (
                 ('inference', infer), ('train step', train))
                 for amp in precisions]:
+            # one training step at detection size on the CPU takes ~30 s
+            # for the three models
+            reps = 1 if args.quick or (h > 512 and device.type == 'cpu' and
+                                       make is train) \
+                else _repeats(args, device)
             if amp is not None:
                 mode += ', AMP fp16'
             cands = {k: make(mod, amp) for k, mod in models.items()}
