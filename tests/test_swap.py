@@ -3,6 +3,7 @@ upstream configs pass to their backbones, tools/swap_backbone.py writes a
 readable delta, and the delta builds, trains one step and predicts in the
 real libraries. The fast subset covers the most used families; the whole
 sweep over every family is marked slow (``pytest -m slow``)."""
+import copy
 import importlib
 import math
 import os.path as osp
@@ -110,7 +111,7 @@ def test_readme_manual_swap_trains_upstream_mmseg_configs(rel, readers):
                       checkpoint='checkpoints/setformer_t_in1k.pth'))
     cfg.merge_from_dict(dict(custom_imports=dict(imports=['mmsetformer']),
                              model=dict(backbone=backbone, **readers)))
-    model = build_model(cfg)
+    model = build_model(copy.deepcopy(cfg))  # mmseg writes into its cfg
     assert type(model.backbone).__name__ == 'SeTformer'
     assert model.backbone.init_cfg['checkpoint'].endswith('in1k.pth')
     # without the weights file: train from scratch, as the README says
@@ -118,7 +119,7 @@ def test_readme_manual_swap_trains_upstream_mmseg_configs(rel, readers):
     with pytest.warns(UserWarning, match='ignores pretrained=.open-mmlab'):
         res = smoke_test(cfg, size=64, batch=2)
     assert math.isfinite(res['loss']) and res['optimizer_moved']
-    assert res['num_preds'] == 2
+    assert res['predict_mode'] == 'predict' and res['num_preds'] >= 1
 
 
 # -- the planner on the layouts that differ ---------------------------------

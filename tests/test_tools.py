@@ -131,8 +131,14 @@ def test_benchmark_quick_smoke(tmp_path):
                     '**Sinkhorn iterations**'):
         assert section in md
     report = json.load(open(osp.join(out, 'benchmark.json')))
+    from mmsetformer.ops import fused_cpu
     assert {r['op'] for r in report['operator']['rows']} == {
-        'SeT', 'SeT (reference)', 'softmax (SDPA)', 'window 7x7'}
+        'SeT', 'SeT (reference)', 'softmax (SDPA)', 'window 7x7'} | (
+            {'SeT (streamed)'} if fused_cpu.available() else set())
+    assert 'machine' in report and (
+        f'SeT CPU kernel {fused_cpu.ISA}' in report['machine']
+        if fused_cpu.available() else 'no SeT CPU kernel' in
+        report['machine'])
     assert all(r['time'] > 0 and r['peak_mem'] > 0
                for r in report['operator']['rows'])
     assert osp.getsize(osp.join(out, 'benchmark_scaling.png')) > 10000

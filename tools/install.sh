@@ -162,7 +162,7 @@ say "OpenMMLab libraries and timm: $DOWNSTREAM_PINS"
 # below 80: mmengine imports pkg_resources at run time (config `mmdet::`
 # inheritance), which setuptools 80 removed.
 pip_ install -q $DOWNSTREAM_PINS $TEST_PINS "setuptools>=77.0.3,<80"
-say "mmsetformer (editable, compiles the SeT CPU kernel against this torch, ~1 min)"
+say "mmsetformer (editable, compiles the SeT CPU kernel against this torch, AVX2 + AVX-512 builds on x86, ~2 min)"
 pip_ install -q --no-build-isolation --no-deps -e "$ROOT"
 
 if ! check_env; then
