@@ -46,7 +46,8 @@ def builds() -> Dict[str, object]:
 def _load():
     """The widest build, its name, and why none runs (or '')."""
     found = builds()
-    for isa, ext in found.items():
+    if found:
+        isa, ext = next(iter(found.items()))
         return ext, isa, ''
     if torch.backends.cpu.get_cpu_capability() == 'DEFAULT' and \
             platform.machine().lower() in ('x86_64', 'amd64'):
@@ -92,10 +93,10 @@ class SeTCPUFunction(torch.autograd.Function):
         # builds its slices' kernels in one reused buffer: a fresh one is
         # paid again in page faults (~1/4 of the time at stride 4 of an
         # 800 x 1344 image)
-        m, dp = rf.shape[-2:]
-        ws = _workspace((_ext.forward_workspace(
-            B * h, n, m, dp, d, num_iters, STREAM_BYTES,
-            qf.element_size()), ), qf.dtype, qf.device)
+        shapes = (B * h, n, *rf.shape[-2:], d, num_iters, STREAM_BYTES,
+                  qf.element_size())
+        ws = _workspace((_ext.forward_workspace(*shapes), ), qf.dtype,
+                        qf.device)
         y, *saved = _ext.forward(qf3, rf3, v3, num_iters, STREAM_BYTES, ws)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(qf3, rf3, v3, y, *saved)

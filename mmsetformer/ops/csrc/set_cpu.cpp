@@ -179,8 +179,8 @@ struct Rows {
 // Rows [i0, i0 + nb) of K into Kb (nb x m): exp(max(l - rowmax, -floor))
 // for the logits l = qf rf^T of those rows.  fresh: the row maxima are
 // computed into mx (and the row sums into sum, if given); else mx holds
-// them from an earlier build of the same block, whose entries this one
-// repeats exactly (the same GEMM on the same rows).
+// them from an earlier build of the same block (the same GEMM on the same
+// rows, so the same entries up to the GEMM's determinism).
 template <typename T>
 void kernel_block(const T *qf, const T *rf, int64_t m, int64_t dp,
                   int64_t nb, T *Kb, T *mx, bool fresh, T *sum) {
@@ -647,7 +647,8 @@ Dims<T> dims(int64_t n, int64_t m, int64_t dp, int64_t d, int64_t iters,
 }
 
 // Elements of set_forward's workspace for these shapes (S slices) and
-// element size (4: float, 8: double).
+// element size (4: float, 8: double), for the caller that hands one in
+// (Python's kernel_workspace()).
 int64_t forward_workspace(int64_t S, int64_t n, int64_t m, int64_t dp,
                           int64_t d, int64_t iters, int64_t stream_bytes,
                           int64_t itemsize) {
@@ -748,8 +749,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &set_forward, "SeT forward (fused, CPU)",
           py::arg("qf"), py::arg("rf"), py::arg("v"), py::arg("iters"),
           py::arg("stream_bytes"), py::arg("workspace") = py::none());
+  mod.def("backward", &set_backward, "SeT backward (fused, CPU)",
+          py::arg("qf"), py::arg("rf"), py::arg("v"), py::arg("y"),
+          py::arg("gy"), py::arg("A"), py::arg("Uv"), py::arg("Bv"),
+          py::arg("Sv"), py::arg("z"), py::arg("s4"), py::arg("w"),
+          py::arg("tops"), py::arg("need_qf"), py::arg("need_rf"),
+          py::arg("stream_bytes"));
   mod.def("forward_workspace", &forward_workspace,
           "elements of the forward's workspace (S, n, m, dp, d, iters, "
           "stream_bytes, itemsize)");
-  mod.def("backward", &set_backward, "SeT backward (fused, CPU)");
 }
