@@ -392,8 +392,8 @@ def execute_run(task: str, variant: str, seed: int, budget: int,
                       metrics_file], osp.join(run_dir, 'test.log'), env)
     record['test_s'] = round(time.time() - t1, 1)
     record['wall_s'] = round(time.time() - t0, 1)
-    # what the run cost, unlike the wall-clock, does not grow when the
-    # matrix shares the machine or is paused
+    # unlike the wall-clock, no pauses and no waiting for a core count
+    # (but threads spinning on oversubscribed cores do)
     record['cpu_s'] = round(_children_cpu() - cpu0, 1)
     record['load_end'] = round(os.getloadavg()[0], 2)
     if rc != 0 or not osp.isfile(metrics_file):
@@ -583,8 +583,10 @@ def markdown(state: dict, agg: dict, pending: int = 0) -> str:
         f'; load average at run start {min(loads):.1f}–{max(loads):.1f}'
         if loads else '') + '. Wall-clock is train + test per run and '
             'depends on the load of the machine; CPU time (user + system '
-            'of the run\'s processes) does not grow with other load or '
-            'pauses.', '',
+            'of the run\'s processes) leaves out pauses and waiting for a '
+            'core, but grows too while other jobs oversubscribe the cores '
+            '(OpenMP threads spin): compare runs that had the machine to '
+            'themselves.', '',
             'What this does and does not say: small models (≈ 1 M backbone '
             'parameters) trained from scratch on a small synthetic dataset '
             'on a CPU budget, one recipe for all. It compares '
