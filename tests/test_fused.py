@@ -48,14 +48,10 @@ def _grads(y, inputs):
 @contextlib.contextmanager
 def _backend(name):
     """set_backend, with 'cpu-streamed' for the CPU kernel streaming."""
-    old = fused_cpu.STREAM_BYTES
-    if name == 'cpu-streamed':
-        name, fused_cpu.STREAM_BYTES = 'cpu', 0
-    try:
-        with set_backend(name):
-            yield
-    finally:
-        fused_cpu.STREAM_BYTES = old
+    streamed = name == 'cpu-streamed'
+    with set_backend('cpu' if streamed else name), fused_cpu.stream_above(
+            0 if streamed else fused_cpu.STREAM_BYTES):
+        yield
 
 
 def _run(backend, q, v, r, **kw):

@@ -159,11 +159,8 @@ def bench_operator(args, device, report):
             def set_streamed():
                 # the CPU kernel rebuilding every pass's blocks (O(n)
                 # memory), as it does by default only for huge kernels
-                old, fused_cpu.STREAM_BYTES = fused_cpu.STREAM_BYTES, 0
-                try:
+                with fused_cpu.stream_above(0):
                     return set_op()
-                finally:
-                    fused_cpu.STREAM_BYTES = old
             fns['SeT (streamed)'] = set_streamed
         if cuda:
             def set_triton():

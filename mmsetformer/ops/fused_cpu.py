@@ -9,6 +9,7 @@ instead of keeping it: no n x m tensor outlives a call.  Built by
 the instructions it was built for, :func:`available` is False and the
 reference runs.
 """
+import contextlib
 import importlib
 import os
 import platform
@@ -70,6 +71,18 @@ _ext, ISA, _UNAVAILABLE = _load()
 # concern (1 GiB: e.g. n = 358k tokens at m = 750).
 STREAM_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_STREAM_BYTES',
                                         2**30)))
+
+
+@contextlib.contextmanager
+def stream_above(nbytes: int):
+    """Inside, slices whose kernel exceeds ``nbytes`` stream it (0: every
+    slice); the default is :data:`STREAM_BYTES` as set at import."""
+    global STREAM_BYTES
+    old, STREAM_BYTES = STREAM_BYTES, int(nbytes)
+    try:
+        yield
+    finally:
+        STREAM_BYTES = old
 
 
 def available() -> bool:

@@ -229,11 +229,10 @@ void kernel_block(const T *qf, const T *rf, int64_t m, int64_t dp,
 // Where a pass over the kernel reads its rows from.  Kept: the whole n x m
 // kernel, built by the first pass and read by the others.  Streamed: no
 // n x m buffer; every pass rebuilds each block of rows in a small buffer
-// of its chunk.  A kept kernel larger than the caches is read from DRAM on
-// every pass; rebuilding a block (one GEMM with dp-wide rows and an exp,
-// from the row maxima of the first pass) costs less than that, so slices
-// whose kernel exceeds `stream_bytes` stream, and time per token no longer
-// grows with n.
+// of its chunk, from the row maxima of the first pass.  Rebuilding a block
+// (one GEMM with dp-wide rows and an exp) costs about what reading a kept
+// one from DRAM does and more than reading it from cache, so streaming is
+// for memory (O(n) per slice): slices whose kernel exceeds `stream_bytes`.
 template <typename T>
 struct KernelRows {
   const T *qf, *rf;
