@@ -283,6 +283,41 @@ def test_cpu_kernel_rescales_when_the_row_max_grows(threads, backend):
     _cpu_matches_reference(threads, q, v, r, backend, eps=0.1, num_iters=3)
 
 
+@pytest.mark.parametrize('backend', CPU_MODES)
+def test_cpu_kernel_works_in_the_layers_layouts(backend):
+    """q and v as the layer makes them (views of one (B, n, 2, h, d)
+    projection), upstream gradients in the layer's layout and with a
+    strided last dim: the reference's outputs and gradients."""
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    B, h, hw, d, m = 2, 3, (5, 9), 7, 13
+    n = hw[0] * hw[1]
+    g = torch.Generator().manual_seed(11)
+    qv = torch.randn(B, n, 2, h, d, generator=g, dtype=torch.float64)
+    qv.requires_grad_()
+    r = torch.randn(h, m, d, generator=g,
+                    dtype=torch.float64).requires_grad_()
+    kw = dict(eps=0.3, num_iters=2, sigma=0.6,
+              pos=_pos(hw, (m, 1), torch.float64))
+    gys = {  # (B, n, h*d) from the projection, and a transposed last dim
+        'rows': torch.randn(B, n, h * d, generator=g, dtype=torch.float64),
+        'strided': torch.randn(B, h, d, n, generator=g,
+                               dtype=torch.float64).transpose(-1, -2)}
+    outs = {}
+    for name in (backend, 'reference'):
+        for how, gy in gys.items():
+            with _backend(name):
+                q, v = qv.permute(2, 0, 3, 1, 4).unbind(0)
+                y = set_attention(q, v, r, **kw)
+            gy = gy.view(B, n, h, d).transpose(1, 2) if how == 'rows' \
+                else gy
+            outs[name, how] = (y.detach(),
+                               *torch.autograd.grad(y, (qv, r), gy))
+    for how in gys:
+        for a, b in zip(outs[backend, how], outs['reference', how]):
+            assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), how
+
+
 @pytest.mark.parametrize('isa', ['AVX512', 'AVX2'])
 def test_cpu_builds_match_the_reference(isa, monkeypatch):
     """Every build the CPU runs (AVX-512 and AVX2 on x86; the widest is
