@@ -12,7 +12,7 @@ from . import engine  # noqa: F401  (registers the CPU wrappers)
 from .data.checks import check_cfg_data
 
 __all__ = ['add_common_args', 'parse_common', 'prepare_train_cfg',
-           'prepare_test_cfg']
+           'prepare_test_cfg', 'close_distributed']
 
 
 def add_common_args(parser) -> None:
@@ -89,6 +89,20 @@ def _init_cpu_distributed(cfg: Config, launcher: str) -> None:
         timeout = dist_cfg.get('timeout', 1800)
         dist.init_process_group(backend=dist_cfg['backend'],
                                 timeout=timedelta(seconds=timeout))
+
+
+def close_distributed() -> None:
+    """Destroy the process group once a run has ended normally.
+
+    A process that exits with the group alive leaves gloo's worker threads
+    holding work (and tensors) while the interpreter shuts down; a rank then
+    aborts now and then ("terminate called without an active exception",
+    SIGABRT) and torchrun fails a finished run.  Not called when the run
+    raised: destroying it while other ranks wait in a collective can hang.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _compile_hook(cfg: Config) -> None:

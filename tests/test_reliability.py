@@ -406,6 +406,33 @@ custom_hooks = [dict(type='GlobalLossRecorder', out=OUT)]
 '''
 
 
+LAUNCHED = '''
+import runpy, sys
+import torch.distributed as dist
+cfg, work = sys.argv[1:]
+for tool, args in (('train', []), ('test', [work + '/epoch_1.pth'])):
+    sys.argv = [tool, cfg, *args, '--work-dir', work, '--launcher', 'pytorch']
+    runpy.run_path(f'tools/{tool}.py', run_name='__main__')
+    print(tool, 'left a process group:', dist.is_initialized())
+'''
+
+
+def test_launched_tools_destroy_their_process_group(shapes, tmp_path):
+    """A rank that exits with its gloo group alive aborts now and then
+    ("terminate called without an active exception"), failing a finished
+    torchrun job; train.py and test.py must destroy the group they used."""
+    (tmp_path / 'cfg.py').write_text(cls_config(shapes, epochs=1))
+    env = dict(os.environ, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1',
+               LOCAL_WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT='29534', OMP_NUM_THREADS='1')
+    proc = subprocess.run(
+        [PY, '-c', LAUNCHED, str(tmp_path / 'cfg.py'), str(tmp_path / 'w')],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'train left a process group: False' in proc.stdout
+    assert 'test left a process group: False' in proc.stdout
+
+
 def test_two_processes_match_one_process_with_the_same_total_batch(
         shapes, tmp_path):
     (tmp_path / 'base.py').write_text(cls_config(shapes, epochs=1))

@@ -16,8 +16,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsetformer.runner import (add_common_args, parse_common,  # noqa
-                                prepare_test_cfg)
+from mmsetformer.runner import (add_common_args, close_distributed,  # noqa
+                                parse_common, prepare_test_cfg)
 
 
 def parse_args():
@@ -46,6 +46,7 @@ def main():
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
         else RUNNERS.build(cfg)
     metrics = runner.test()
+    close_distributed()
     if args.metrics_json and runner.rank == 0:
         with open(args.metrics_json, 'w') as f:
             json.dump(metrics, f, indent=1, default=_jsonable)

@@ -16,8 +16,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from mmsetformer.runner import (add_common_args, parse_common,  # noqa
-                                prepare_train_cfg)
+from mmsetformer.runner import (add_common_args, close_distributed,  # noqa
+                                parse_common, prepare_train_cfg)
 
 
 def parse_args():
@@ -45,6 +45,7 @@ def main():
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
         else RUNNERS.build(cfg)
     runner.train()
+    close_distributed()
 
 
 if __name__ == '__main__':
