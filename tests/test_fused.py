@@ -373,3 +373,109 @@ def test_cpu_kernel_streamed_workspace_is_linear_in_n():
     streamed = ws(4000, 0) - ws(1000, 0)
     assert kept >= 3000 * m
     assert streamed <= 3000 * 8  # a few values per row
+
+
+def test_triton_launch_falls_back_to_shallower_pipelines(monkeypatch):
+    """A GPU with less shared memory gets a shallower pipeline, remembered
+    per kernel and constants, and a clear error when none fits."""
+    pytest.importorskip('triton')
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(fused_triton, '_STAGES_THAT_FIT', {})
+    tried = []
+
+    class Kernel:  # fits from `fits` stages down
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **meta):
+                tried.append(num_stages)
+                if num_stages > self.fits:
+                    raise OutOfResources(160 * 1024, 99 * 1024,
+                                         'shared memory')
+            return launch
+
+    x, kernel = torch.zeros(1), Kernel(fits=1)
+    fused_triton._launch(kernel, (1, ), x, BN=64)
+    assert tried == [3, 2, 1]
+    fused_triton._launch(kernel, (1, ), x, BN=64)  # remembered
+    assert tried == [3, 2, 1, 1]
+    fused_triton._launch(kernel, (1, ), x, BN=32)  # other constants
+    assert tried == [3, 2, 1, 1, 3, 2, 1]
+    with pytest.raises(RuntimeError, match='MMSETFORMER_TRITON_BLOCK_N'):
+        fused_triton._launch(Kernel(fits=0), (1, ), x, BN=64)
+
+
+AOT_COMPILE = '''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mmsetformer.ops import _triton_kernels
+INTS = ('n', 'm', 'dp', 'c', 'heads', 'chunk', 'r')
+limits, stages, launches = json.loads(sys.argv[1]), json.loads(sys.argv[2]), []
+for name, warps, meta in json.loads(sys.stdin.read()):
+    fn = getattr(_triton_kernels, name)
+    sig = {a: 'constexpr' if a in meta else 'i32' if a in INTS else '*fp32'
+           for a in fn.arg_names}
+    for cc, limit in limits.items():
+        for s in stages:  # as fused_triton._launch tries them
+            shared = triton.compile(ASTSource(fn, sig, meta), options=dict(
+                num_warps=warps, num_stages=s),
+                target=GPUTarget('cuda', int(cc), 32)).metadata.shared
+            if shared <= limit:
+                break
+        launches.append((name, meta, int(cc), s, shared))
+print(json.dumps(launches))
+'''
+# the most shared memory a block may use (CUDA's opt-in maximum): sm_86
+# (RTX 30; sm_89 the same) is the tightest, sm_90 (H100 / H200) compiles
+# differently (wgmma); sm_80 (A100) compiles as sm_86 with more room
+SHARED_LIMIT = {86: 99 * 1024, 90: 227 * 1024}
+
+
+def test_triton_kernels_fit_the_shared_memory_of_gpus(monkeypatch):
+    """Every kernel launch of a forward + backward at SeTformer-B's head
+    (d = 40, the widest shipped), compiled for sm_86 and sm_90 in the
+    default precision and the heaviest (3xTF32), fits the GPU's shared
+    memory within the pipelining depths ``_launch`` tries: a launch that
+    does not is an OutOfResources error found only on that GPU."""
+    pytest.importorskip('triton')
+    import json
+    import os
+    import subprocess
+    import sys
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        get_ptxas(90).path
+    except Exception as e:  # noqa: BLE001 (no ptxas: cannot compile)
+        pytest.skip(f'no ptxas to compile for CUDA: {e}')
+    seen, launch = {}, fused_triton._launch
+
+    def record(kernel, grid, *args, warps=fused_triton.WARPS, **meta):
+        for prec in ('ieee', 'tf32x3'):
+            meta_p = dict(meta, PREC=prec)
+            seen[kernel.fn.__name__, warps, json.dumps(
+                meta_p, sort_keys=True)] = meta_p
+        launch(kernel, grid, *args, warps=warps, **meta)
+
+    monkeypatch.setattr(fused_triton, '_launch', record)
+    n, m, d = 70, 66, 40  # full 64-wide tiles, and partial ones
+    q, v, r = _inputs(1, 1, n, m, d, torch.float32, seed=5)
+    with _backend('triton'):
+        y = set_attention(q, v, r, eps=0.3, num_iters=1,
+                          pos=_pos((7, 10), (6, 11), torch.float32),
+                          sigma=0.5)
+        torch.autograd.grad(y.sum(), (q, v, r))
+    assert {name for name, _, _ in seen} == {
+        '_row_max', '_row_pass', '_col_pass', '_grad_rows', '_grad_cols'}
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    proc = subprocess.run(
+        [sys.executable, '-c', AOT_COMPILE, json.dumps(SHARED_LIMIT),
+         json.dumps(fused_triton.STAGES)], input=json.dumps(
+            [[name, warps, meta] for (name, warps, _), meta in
+             seen.items()]),
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, meta, cc, stages, shared in json.loads(proc.stdout):
+        assert shared <= SHARED_LIMIT[cc], (name, meta, cc, stages, shared)

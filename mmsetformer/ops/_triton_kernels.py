@@ -107,15 +107,19 @@ def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads, chunk,
 @triton.jit
 def _grad_tile(X, Y, Mx, U, V, s, h, rows, cols, n, m, dp, r,
                BD: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
-    """dL/dlogK on a tile: K * (U V^T) where K is not clamped."""
+    """dL/dlogK on a tile: K * (U V^T) where K is not clamped.  U V^T runs
+    over r (2d + 3 + 2T) in chunks of BR: whole rows of U and V would take
+    more shared memory than a GPU has once d reaches 32-64."""
     K, _, live = _tile(X, Y, Mx, s, h, rows, cols, n, m, dp, BD, PREC,
                        True)
-    rr = tl.arange(0, BR)
-    u = tl.load(U + (s * n + rows[:, None]) * r + rr[None, :],
-                mask=(rows[:, None] < n) & (rr[None, :] < r), other=0.)
-    v = tl.load(V + (s * m + cols[:, None]) * r + rr[None, :],
-                mask=(cols[:, None] < m) & (rr[None, :] < r), other=0.)
-    gk = tl.dot(u, tl.trans(v), input_precision=PREC)
+    gk = tl.zeros(K.shape, K.dtype)
+    for r0 in range(0, r, BR):
+        rr = r0 + tl.arange(0, BR)
+        u = tl.load(U + (s * n + rows[:, None]) * r + rr[None, :],
+                    mask=(rows[:, None] < n) & (rr[None, :] < r), other=0.)
+        v = tl.load(V + (s * m + cols[:, None]) * r + rr[None, :],
+                    mask=(cols[:, None] < m) & (rr[None, :] < r), other=0.)
+        gk += tl.dot(u, tl.trans(v), input_precision=PREC)
     return tl.where(live, K * gk, 0.)
 
 

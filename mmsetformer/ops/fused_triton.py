@@ -44,6 +44,8 @@ PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
 BLOCK_N = int(os.environ.get('MMSETFORMER_TRITON_BLOCK_N', 64))
 BLOCK_M = int(os.environ.get('MMSETFORMER_TRITON_BLOCK_M', 64))
+# the backward's dL/dK = U V^T is formed over r = 2d + 3 + 2T in chunks
+R_CHUNK = 32
 
 
 def _interpreting() -> bool:
@@ -96,6 +98,39 @@ def _programs(x: Tensor) -> int:
     return 64
 
 
+# Software-pipelining depths, tried in turn: Triton's default first; a GPU
+# with less shared memory per block (99 KB on sm_86/89, 163 KB on sm_80, 227
+# KB on sm_90) runs a shallower pipeline instead of failing to launch.
+STAGES = (3, 2, 1)
+_STAGES_THAT_FIT = {}  # (kernel, warps, constexprs, device) -> depth
+# Warps per program: 4 (Triton's default) for the vector passes; 8 for the
+# passes that also carry a matrix and for the gradient kernels, whose live
+# tiles at 4 warps overflow the 255 registers of a thread (ptxas, sm_90, 64
+# x 64 tiles: 440-690 bytes of spills per thread at 4 warps, 0-210 at 8).
+WARPS, WARPS_WIDE = 4, 8
+
+
+def _launch(kernel, grid, *args, warps: int = WARPS, **meta) -> None:
+    """``kernel[grid](*args, **meta)`` at the deepest pipeline that fits."""
+    from triton.runtime.errors import OutOfResources
+    key = (kernel, warps, tuple(sorted(meta.items())), args[0].device)
+    err = None
+    for stages in ([_STAGES_THAT_FIT[key]]
+                   if key in _STAGES_THAT_FIT else STAGES):
+        try:
+            kernel[grid](*args, num_warps=warps, num_stages=stages, **meta)
+        except OutOfResources as e:
+            err = e
+            continue
+        _STAGES_THAT_FIT[key] = stages
+        return
+    raise RuntimeError(
+        f'SeT Triton kernel {getattr(kernel, "__name__", kernel)} {meta} does '
+        f'not fit this GPU even unpipelined ({err}); smaller tiles: '
+        'MMSETFORMER_TRITON_BLOCK_N=32 MMSETFORMER_TRITON_BLOCK_M=32, or '
+        'MMSETFORMER_SET_BACKEND=reference') from err
+
+
 def _p2(x: int) -> int:
     """Power of two >= max(x, 16) (tl.dot's smallest dimension)."""
     return max(16, 1 << (max(1, x) - 1).bit_length())
@@ -129,21 +164,21 @@ class _Passes:
         if Mx is not None:
             return
         self.Mx = qf.new_empty(self.S, self.n)
-        self.k['row_max'][self.rows_grid](
-            qf, rf, self.Mx, self.n, self.m, self.dp, self.H, BN=self.BN,
-            BM=self.BM, BD=self.BD, PREC=self.prec)
+        _launch(self.k['row_max'], self.rows_grid, qf, rf, self.Mx, self.n,
+                self.m, self.dp, self.H, BN=self.BN, BM=self.BM, BD=self.BD,
+                PREC=self.prec)
 
     def _pass(self, kernel, grid, size, vec, mat, parts=1, *extra):
         out_v = vec.new_empty(parts, self.S, size)
         out_m = None if mat is None else vec.new_empty(
             parts, self.S, size, mat.shape[-1])
         c = 1 if mat is None else mat.shape[-1]
-        kernel[grid](self.qf, self.rf, self.Mx, vec.contiguous(),
-                     out_v if mat is None else mat.contiguous(), out_v,
-                     out_v if mat is None else out_m, self.n, self.m,
-                     self.dp, c, self.H, *extra, BN=self.BN, BM=self.BM,
-                     BD=self.BD, BC=_p2(c), HAS_MAT=mat is not None,
-                     PREC=self.prec)
+        _launch(kernel, grid, self.qf, self.rf, self.Mx, vec.contiguous(),
+                out_v if mat is None else mat.contiguous(), out_v,
+                out_v if mat is None else out_m, self.n, self.m, self.dp, c,
+                self.H, *extra, warps=WARPS if mat is None else WARPS_WIDE,
+                BN=self.BN, BM=self.BM, BD=self.BD, BC=_p2(c),
+                HAS_MAT=mat is not None, PREC=self.prec)
         out_v = out_v.sum(0)
         return out_v if mat is None else (out_v, out_m.sum(0))
 
@@ -163,19 +198,19 @@ class _Passes:
         V^T (U: (S, n, r), V: (S, m, r))."""
         r = U.shape[-1]
         U, V = U.contiguous(), V.contiguous()
-        args = dict(BN=self.BN, BM=self.BM, BD=self.BD, BR=_p2(r),
-                    PREC=self.prec)
+        args = dict(warps=WARPS_WIDE, BN=self.BN, BM=self.BM, BD=self.BD,
+                    BR=min(_p2(r), R_CHUNK), PREC=self.prec)
         gq = gr = None
         if need_q:
             gq = self.qf.new_empty(self.S, self.n, self.dp)
-            self.k['grad_rows'][self.rows_grid](
-                self.qf, self.rf, self.Mx, U, V, gq, self.n, self.m, self.dp,
-                r, self.H, **args)
+            _launch(self.k['grad_rows'], self.rows_grid, self.qf, self.rf,
+                    self.Mx, U, V, gq, self.n, self.m, self.dp, r, self.H,
+                    **args)
         if need_r:
             gr = self.qf.new_empty(self.Z, self.S, self.m, self.dp)
-            self.k['grad_cols'][self.cols_grid](
-                self.qf, self.rf, self.Mx, U, V, gr, self.n, self.m, self.dp,
-                r, self.H, self.chunk, **args)
+            _launch(self.k['grad_cols'], self.cols_grid, self.qf, self.rf,
+                    self.Mx, U, V, gr, self.n, self.m, self.dp, r, self.H,
+                    self.chunk, **args)
             gr = gr.sum(0)
         return gq, gr
 
