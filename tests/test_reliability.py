@@ -407,10 +407,12 @@ custom_hooks = [dict(type='GlobalLossRecorder', out=OUT)]
 
 
 LAUNCHED = '''
-import runpy, sys
+import os, runpy, sys
 import torch.distributed as dist
 cfg, work = sys.argv[1:]
-for tool, args in (('train', []), ('test', [work + '/epoch_1.pth'])):
+for tool, args, port in (('train', [], '29534'),
+                         ('test', [work + '/epoch_1.pth'], '29535')):
+    os.environ['MASTER_PORT'] = port  # a new store: no wait on the old port
     sys.argv = [tool, cfg, *args, '--work-dir', work, '--launcher', 'pytorch']
     runpy.run_path(f'tools/{tool}.py', run_name='__main__')
     print(tool, 'left a process group:', dist.is_initialized())
@@ -424,7 +426,7 @@ def test_launched_tools_destroy_their_process_group(shapes, tmp_path):
     (tmp_path / 'cfg.py').write_text(cls_config(shapes, epochs=1))
     env = dict(os.environ, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1',
                LOCAL_WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
-               MASTER_PORT='29534', OMP_NUM_THREADS='1')
+               OMP_NUM_THREADS='1')
     proc = subprocess.run(
         [PY, '-c', LAUNCHED, str(tmp_path / 'cfg.py'), str(tmp_path / 'w')],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
