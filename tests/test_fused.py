@@ -12,8 +12,8 @@ import torch.utils.flop_counter
 from dense_reference import dense_set
 
 from mmsetformer.ops import (fused_cpu, fused_triton, get_backend,
-                             gibbs_kernel, grid_positions, kernel_workspace,
-                             set_attention, set_backend, sinkhorn_scalings)
+                             gibbs_kernel, grid_positions, set_attention,
+                             set_backend, sinkhorn_scalings)
 
 set_attention_module = importlib.import_module(
     'mmsetformer.ops.set_attention')
@@ -262,10 +262,15 @@ def _cpu_matches_reference(threads, q, v, r, backend='cpu', **kw):
 
 @pytest.mark.parametrize('backend', CPU_MODES)
 @pytest.mark.parametrize('threads', [1, 2])
-def test_cpu_kernel_rescales_when_the_row_max_grows(threads, backend):
+@pytest.mark.parametrize('num_iters', [2, 3])
+def test_cpu_kernel_rescales_when_the_row_max_grows(threads, backend,
+                                                    num_iters):
     """The last row scaling and the first aggregation share one sweep over
     row blocks, kept relative to a running max of a (online softmax): with
-    a growing block after block, the result is still the reference's."""
+    a growing block after block, the result is still the reference's.
+    Passes alternate their direction over the blocks, so the last one runs
+    first to last for T = 2 (a grows along it) and last to first for
+    T = 3."""
     if not fused_cpu.available():
         pytest.skip(fused_cpu.why_unavailable())
     n, m, d = 1500, 200, 6  # float64: ~160 rows a block, ~9 blocks
@@ -280,7 +285,8 @@ def test_cpu_kernel_rescales_when_the_row_max_grows(threads, backend):
     r.requires_grad_()
     a, _ = sinkhorn_scalings(gibbs_kernel(q.detach(), r.detach(), 0.1), 3)
     assert a.argmax() > n * 3 // 4  # the max does move late
-    _cpu_matches_reference(threads, q, v, r, backend, eps=0.1, num_iters=3)
+    _cpu_matches_reference(threads, q, v, r, backend, eps=0.1,
+                           num_iters=num_iters)
 
 
 @pytest.mark.parametrize('backend', CPU_MODES)
@@ -337,26 +343,62 @@ def test_cpu_builds_match_the_reference(isa, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
 
 
-def test_cpu_kernel_builds_in_the_shared_workspace():
-    """Inside ``kernel_workspace()`` (as SeTformer.forward runs) the kernel
-    builds its slices' kernels in the one reused buffer, whatever that
-    buffer held before, with the same result as its own fresh one."""
+def test_cpu_kernel_keeps_its_scratch_buffer_between_calls(monkeypatch):
+    """The kernel's scratch memory is one buffer per thread, kept from call
+    to call (forward and backward), grown to the largest; whatever it held
+    before, results equal those of a fresh buffer; calls above
+    ``CACHE_BYTES`` keep nothing."""
     if not fused_cpu.available():
         pytest.skip(fused_cpu.why_unavailable())
     q, v, r = (t.detach() for t in
                _inputs(2, 3, 77, 37, 13, torch.float32, seed=8))
     kw = dict(eps=0.3, num_iters=3)
-    y0 = set_attention(q, v, r, **kw)
-    with torch.no_grad(), kernel_workspace():
-        y1 = set_attention(q, v, r, **kw)
-        buf = set_attention_module._WORKSPACE.buf
-        assert buf is not None and buf.numel() >= \
-            fused_cpu._ext.forward_workspace(6, 77, 37, 13, 13, 3,
-                                             fused_cpu.STREAM_BYTES, 4)
-        buf.fill_(float('nan'))
-        y2 = set_attention(q, v, r, **kw)
-        assert set_attention_module._WORKSPACE.buf is buf  # reused
-    assert torch.equal(y1, y0) and torch.equal(y2, y0)
+
+    def step():
+        leaves = [t.clone().requires_grad_() for t in (q, v, r)]
+        return _grads(set_attention(*leaves, **kw), leaves)
+
+    monkeypatch.setattr(fused_cpu, 'CACHE_BYTES', 0)
+    fused_cpu.empty_cache()
+    fresh = step()  # every call in a buffer of its own
+    assert fused_cpu.cached_bytes() == 0
+    monkeypatch.setattr(fused_cpu, 'CACHE_BYTES', 2**30)
+    with torch.no_grad():
+        set_attention(q, v, r, **kw)
+    shapes = (6, 77, 37, 13, 13, 3, fused_cpu.STREAM_BYTES, 4)
+    assert fused_cpu.cached_bytes() >= \
+        4 * fused_cpu._ext.forward_workspace(*shapes)
+    step()  # the backward's workspace is larger: the buffer grows once
+    buf = fused_cpu._CACHE.buf
+    assert buf.numel() >= 4 * fused_cpu._ext.backward_workspace(*shapes)
+    buf.view(torch.float32).fill_(float('nan'))
+    kept = step()
+    assert fused_cpu._CACHE.buf is buf  # reused, not reallocated
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), kept, fresh):
+        assert torch.equal(a, b), name
+    fused_cpu.empty_cache()
+    assert fused_cpu.cached_bytes() == 0
+    # growing, the buffer is released before the larger one is allocated
+    q, v, r = (t.detach() for t in
+               _inputs(1, 2, 3000, 400, 16, torch.float32, seed=9))
+    shapes = (2, 3000, 400, 16, 16, 3, fused_cpu.STREAM_BYTES, 4)
+    fwd, bwd = (4 * f(*shapes) for f in (fused_cpu._ext.forward_workspace,
+                                         fused_cpu._ext.backward_workspace))
+    assert bwd > fwd > 2**20
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        step()
+    live = peak = 0
+    for e in sorted(p.profiler.kineto_results.events(),
+                    key=lambda e: e.start_ns()):
+        if e.name() == '[memory]':
+            live += e.nbytes()
+            peak = max(peak, live)
+    assert bwd <= peak < bwd + fwd // 2
+    fused_cpu.empty_cache()
+    # no 2 MiB-aligned interior in a small buffer: nothing to advise
+    assert not fused_cpu._ext.advise_huge_pages(torch.empty(4096,
+                                                            dtype=torch.uint8))
 
 
 def test_cpu_kernel_streamed_workspace_is_linear_in_n():

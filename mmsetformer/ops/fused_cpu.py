@@ -4,21 +4,23 @@ Each (batch, head) slice runs start to finish on one thread with its
 kernel in a per-thread workspace (cache-resident for small slices; rebuilt
 block by block on every pass for huge ones, see ``STREAM_BYTES``), one
 fused sweep per Sinkhorn iteration, and the backward rebuilds the kernel
-instead of keeping it: no n x m tensor outlives a call.  Built by
-``pip install -e .`` (``setup.py``); where it is missing, or the CPU lacks
-the instructions it was built for, :func:`available` is False and the
-reference runs.
+instead of keeping it: no n x m tensor outlives a call (the scratch
+memory it was built in is kept for the next call, see ``CACHE_BYTES``).
+Built by ``pip install -e .`` (``setup.py``); where it is missing, or the
+CPU lacks the instructions it was built for, :func:`available` is False
+and the reference runs.
 """
 import contextlib
 import importlib
 import os
 import platform
-from typing import Dict
+import threading
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
-from .set_attention import _grads_from_slices, _to_slices, _workspace
+from .set_attention import _grads_from_slices, _to_slices
 
 
 def builds() -> Dict[str, object]:
@@ -85,6 +87,54 @@ def stream_above(nbytes: int):
         STREAM_BYTES = old
 
 
+# The calls' scratch memory (the kept kernel and the blocks of the
+# products) is one buffer per thread, kept from call to call and grown to
+# the largest call, forward and backward alike.  A fresh buffer costs its
+# page faults on first touch: measured (Intel Xeon, 2 slices of n = 50176,
+# m = 750, T = 3), a forward took 196 ms in a fresh one and 153 ms in a
+# kept one, 140 ms with the kept one on huge pages (forward + backward:
+# 500 -> 402 ms); a training step paid it once per layer and pass.  Calls needing more than this many bytes get
+# a buffer of their own, freed when they return.  empty_cache() frees it.
+CACHE_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_CACHE_BYTES',
+                                       4 * 2**30)))
+
+
+class _Cache(threading.local):
+    buf: Optional[Tensor] = None
+
+
+_CACHE = _Cache()
+
+
+def _scratch(elems: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """This thread's buffer as ``elems`` of ``dtype`` (contents undefined),
+    or None: the kernel then allocates one for the call."""
+    # tracers (jit, as the FLOP counter uses, and dynamo) would record the
+    # buffer as a constant
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    nbytes = elems * torch.finfo(dtype).bits // 8
+    if nbytes > CACHE_BYTES:
+        return None
+    if _CACHE.buf is None or _CACHE.buf.numel() < nbytes:
+        _CACHE.buf = None  # release the old one before allocating
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        _ext.advise_huge_pages(buf)  # before anything touches it
+        _CACHE.buf = buf
+    return _CACHE.buf[:nbytes].view(dtype)
+
+
+def empty_cache() -> None:
+    """Free this thread's kept scratch buffer (the next call allocates
+    one again)."""
+    _CACHE.buf = None
+
+
+def cached_bytes() -> int:
+    """Bytes of this thread's kept scratch buffer."""
+    return 0 if _CACHE.buf is None else _CACHE.buf.numel()
+
+
 def available() -> bool:
     """Whether the compiled CPU kernel can run here."""
     return _ext is not None
@@ -102,19 +152,14 @@ class SeTCPUFunction(torch.autograd.Function):
     def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
         B, h, n, d = v.shape
         qf3, rf3, v3 = _to_slices(qf, rf, v)
-        # inside ops.kernel_workspace() (SeTformer.forward), every call
-        # builds its slices' kernels in one reused buffer: a fresh one is
-        # paid again in page faults (~1/4 of the time at stride 4 of an
-        # 800 x 1344 image)
         shapes = (B * h, n, *rf.shape[-2:], d, num_iters, STREAM_BYTES,
                   qf.element_size())
-        ws = _workspace((_ext.forward_workspace(*shapes), ), qf.dtype,
-                        qf.device)
+        ws = _scratch(_ext.forward_workspace(*shapes), qf.dtype)
         y, *saved = _ext.forward(qf3, rf3, v3, num_iters, STREAM_BYTES, ws)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(qf3, rf3, v3, y, *saved)
             ctx.dims = B, h
-            ctx.stream_bytes = STREAM_BYTES  # the backward does the same
+            ctx.shapes = shapes  # the backward streams the same way
         return y.view(B, h, n, d)
 
     @staticmethod
@@ -122,8 +167,9 @@ class SeTCPUFunction(torch.autograd.Function):
         qf3, rf3, v3, y, *saved = ctx.saved_tensors
         B, h = ctx.dims
         need_q, need_r = ctx.needs_input_grad[:2]
+        ws = _scratch(_ext.backward_workspace(*ctx.shapes), qf3.dtype)
         gq, gr, gv = _ext.backward(qf3, rf3, v3, y,
                                    gy.reshape(y.shape).contiguous(), *saved,
-                                   need_q, need_r, ctx.stream_bytes)
+                                   need_q, need_r, ctx.shapes[6], ws)
         return _grads_from_slices(B, h, gq if need_q else None,
                                   gr if need_r else None, gv)

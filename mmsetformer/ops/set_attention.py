@@ -150,6 +150,8 @@ def kernel_workspace():
     time at n = 67200, m = 750). Inside this context, calls whose kernel is
     not kept for a backward pass (inference, frozen layers) write it into
     one buffer sized for the largest. ``SeTformer.forward`` runs in one.
+    (This is the reference's; the compiled CPU kernel keeps its scratch
+    buffer between calls itself, see ``fused_cpu.CACHE_BYTES``.)
     """
     _WORKSPACE.depth += 1
     try:
