@@ -93,8 +93,9 @@ def stream_above(nbytes: int):
 # page faults on first touch: measured (Intel Xeon, 2 slices of n = 50176,
 # m = 750, T = 3), a forward took 196 ms in a fresh one and 153 ms in a
 # kept one, 140 ms with the kept one on huge pages (forward + backward:
-# 500 -> 402 ms); a training step paid it once per layer and pass.  Calls needing more than this many bytes get
-# a buffer of their own, freed when they return.  empty_cache() frees it.
+# 500 -> 402 ms); a training step paid it once per layer and pass.  Calls
+# needing more than this many bytes get a buffer of their own, freed when
+# they return.  empty_cache() frees it.
 CACHE_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_CACHE_BYTES',
                                        4 * 2**30)))
 
