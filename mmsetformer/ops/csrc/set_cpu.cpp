@@ -670,18 +670,26 @@ Dims<T> dims(int64_t n, int64_t m, int64_t dp, int64_t d, int64_t iters,
           n * m * static_cast<int64_t>(sizeof(T)) > stream_bytes};
 }
 
-// Elements of set_forward's workspace for these shapes (S slices) and
-// element size (4: float, 8: double), for the caller that hands one in
-// (Python's kernel_workspace()).
-int64_t forward_workspace(int64_t S, int64_t n, int64_t m, int64_t dp,
-                          int64_t d, int64_t iters, int64_t stream_bytes,
-                          int64_t itemsize) {
+// Elements of a call's workspace for these shapes (S slices) and element
+// size (4: float, 8: double), for the caller that hands one in (Python's
+// kept scratch buffer); slice_ws(D, chunks) is forward_ws or backward_ws.
+template <typename W>
+int64_t call_ws(W &&slice_ws, int64_t S, int64_t n, int64_t m, int64_t dp,
+                int64_t d, int64_t iters, int64_t stream_bytes,
+                int64_t itemsize) {
   auto elems = [&](auto D) {
-    return slices_ws(S, [&](int64_t ch) { return forward_ws(D, ch); });
+    return slices_ws(S, [&](int64_t ch) { return slice_ws(D, ch); });
   };
   return itemsize == 8
              ? elems(dims<double>(n, m, dp, d, iters, stream_bytes))
              : elems(dims<float>(n, m, dp, d, iters, stream_bytes));
+}
+
+int64_t forward_workspace(int64_t S, int64_t n, int64_t m, int64_t dp,
+                          int64_t d, int64_t iters, int64_t stream_bytes,
+                          int64_t itemsize) {
+  return call_ws([](const auto &D, int64_t ch) { return forward_ws(D, ch); },
+                 S, n, m, dp, d, iters, stream_bytes, itemsize);
 }
 
 std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
@@ -726,16 +734,11 @@ std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
   return {y, A, Uv, Bv, Sv, z, s4, w, tops};
 }
 
-// Elements of set_backward's workspace, as forward_workspace.
 int64_t backward_workspace(int64_t S, int64_t n, int64_t m, int64_t dp,
                            int64_t d, int64_t iters, int64_t stream_bytes,
                            int64_t itemsize) {
-  auto elems = [&](auto D) {
-    return slices_ws(S, [&](int64_t ch) { return backward_ws(D, ch); });
-  };
-  return itemsize == 8
-             ? elems(dims<double>(n, m, dp, d, iters, stream_bytes))
-             : elems(dims<float>(n, m, dp, d, iters, stream_bytes));
+  return call_ws([](const auto &D, int64_t ch) { return backward_ws(D, ch); },
+                 S, n, m, dp, d, iters, stream_bytes, itemsize);
 }
 
 // Asks the kernel to back the 2 MiB-aligned interior of a buffer not yet
