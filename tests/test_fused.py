@@ -18,8 +18,10 @@ from mmsetformer.ops import (fused_cpu, fused_triton, get_backend,
 set_attention_module = importlib.import_module(
     'mmsetformer.ops.set_attention')
 # 'cpu-streamed': the CPU kernel rebuilding every pass's blocks of the
-# kernel instead of keeping it (by default only for huge kernels)
-FUSED = ['cpu', 'cpu-streamed', 'triton']
+# kernel instead of keeping it (by default only for huge kernels);
+# 'cpu-shared': running its slices one after the other over all threads
+# (by default only where few, or where their kernels outgrow the caches)
+FUSED = ['cpu', 'cpu-streamed', 'cpu-shared', 'triton']
 
 
 def _inputs(B, h, n, m, d, dtype, seed=0, scale=1.0):
@@ -47,10 +49,13 @@ def _grads(y, inputs):
 
 @contextlib.contextmanager
 def _backend(name):
-    """set_backend, with 'cpu-streamed' for the CPU kernel streaming."""
-    streamed = name == 'cpu-streamed'
-    with set_backend('cpu' if streamed else name), fused_cpu.stream_above(
-            0 if streamed else fused_cpu.STREAM_BYTES):
+    """set_backend, with 'cpu-streamed' and 'cpu-shared' for the CPU
+    kernel's modes."""
+    cpu = name.startswith('cpu')
+    with set_backend('cpu' if cpu else name), fused_cpu.stream_above(
+            0 if name == 'cpu-streamed' else fused_cpu.STREAM_BYTES), \
+            fused_cpu.share_above(
+                0 if name == 'cpu-shared' else fused_cpu.SHARE_BYTES):
         yield
 
 
@@ -230,7 +235,7 @@ def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
     assert not saved, [tuple(t.shape) for t in saved]
 
 
-CPU_MODES = ['cpu', 'cpu-streamed']
+CPU_MODES = ['cpu', 'cpu-streamed', 'cpu-shared']
 
 
 @pytest.mark.parametrize('backend', CPU_MODES)
@@ -365,7 +370,8 @@ def test_cpu_kernel_keeps_its_scratch_buffer_between_calls(monkeypatch):
     monkeypatch.setattr(fused_cpu, 'CACHE_BYTES', 2**30)
     with torch.no_grad():
         set_attention(q, v, r, **kw)
-    shapes = (6, 77, 37, 13, 13, 3, fused_cpu.STREAM_BYTES, 4)
+    shapes = (6, 77, 37, 13, 13, 3, fused_cpu.STREAM_BYTES,
+              fused_cpu.SHARE_BYTES, 4)
     assert fused_cpu.cached_bytes() >= \
         4 * fused_cpu._ext.forward_workspace(*shapes)
     step()  # the backward's workspace is larger: the buffer grows once
@@ -381,7 +387,8 @@ def test_cpu_kernel_keeps_its_scratch_buffer_between_calls(monkeypatch):
     # growing, the buffer is released before the larger one is allocated
     q, v, r = (t.detach() for t in
                _inputs(1, 2, 3000, 400, 16, torch.float32, seed=9))
-    shapes = (2, 3000, 400, 16, 16, 3, fused_cpu.STREAM_BYTES, 4)
+    shapes = (2, 3000, 400, 16, 16, 3, fused_cpu.STREAM_BYTES,
+              fused_cpu.SHARE_BYTES, 4)
     fwd, bwd = (4 * f(*shapes) for f in (fused_cpu._ext.forward_workspace,
                                          fused_cpu._ext.backward_workspace))
     assert bwd > fwd > 2**20
@@ -410,11 +417,33 @@ def test_cpu_kernel_streamed_workspace_is_linear_in_n():
 
     def ws(n, stream_bytes):
         return fused_cpu._ext.forward_workspace(1, n, m, 32, 28, 3,
-                                                stream_bytes, 4)
+                                                stream_bytes, 1 << 40, 4)
     kept = ws(4000, 1 << 40) - ws(1000, 1 << 40)
     streamed = ws(4000, 0) - ws(1000, 0)
     assert kept >= 3000 * m
     assert streamed <= 3000 * 8  # a few values per row
+
+
+def test_cpu_kernel_shares_the_threads_when_kernels_outgrow_the_cache():
+    """One slice per thread keeps a kernel per thread; above SHARE_BYTES
+    (of kernels kept at once) slices run one after the other over all
+    threads, with one kernel in memory: the workspace shows which."""
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n, m = 2000, 300
+
+        def ws(share_bytes):
+            return fused_cpu._ext.forward_workspace(4, n, m, 32, 28, 3,
+                                                    1 << 40, share_bytes, 4)
+        assert ws(1 << 40) >= 2 * n * m  # a kernel per thread
+        assert ws(2 * n * m * 4) >= 2 * n * m  # 2 kernels: not above
+        assert n * m <= ws(2 * n * m * 4 - 1) < 2 * n * m  # one at a time
+        assert ws(fused_cpu.SHARE_BYTES) == ws(1 << 40)  # 2 x 2.4 MB: apart
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_triton_launch_falls_back_to_shallower_pipelines(monkeypatch):

@@ -66,25 +66,46 @@ _ext, ISA, _UNAVAILABLE = _load()
 # rebuilds its blocks of rows in a small buffer instead of reading a kernel
 # kept in the workspace (csrc/set_cpu.cpp, KernelRows), so the workspace is
 # O(n) instead of O(n m) per thread and time per token does not depend on
-# n.  Measured (Intel Xeon, AVX-512, m = 750): rebuilding a block costs as
-# much as reading a kept one from DRAM (n = 50176: 4 % slower), in cache
-# twice as much (n = 3136), and SeTformer-T at 800 x 1344 ran 8 % slower
-# streaming stride 4; so it is kept up to sizes where its memory is the
-# concern (1 GiB: e.g. n = 358k tokens at m = 750).
+# n.  Measured (Intel Xeon, AVX-512, m = 750, T = 3, forward): rebuilding
+# a block costs more than reading a kept one from DRAM (n = 50176: 190
+# against 133 ms), twice as much in cache (n = 3136), and SeTformer-T at
+# 800 x 1344 ran 8 % slower streaming stride 4; so it is kept up to sizes
+# where its memory is the concern (1 GiB: e.g. n = 358k tokens at m = 750).
 STREAM_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_STREAM_BYTES',
                                         2**30)))
 
+# Slices run one after the other, each over all threads (row chunks),
+# instead of one slice per thread, where the kernels kept by one slice per
+# thread would add up to more than this: less in memory at once, so more
+# of it is still in the last-level cache when the next pass reads it
+# (csrc/set_cpu.cpp, slices_share_pool; Intel Xeon, 2 threads: 1.16x
+# faster forward at n = 50176, m = 750, 1.07x at 25088, in cache at 12544
+# one slice per thread is 3 % faster).
+SHARE_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_SHARE_BYTES',
+                                       2**27)))
+
 
 @contextlib.contextmanager
-def stream_above(nbytes: int):
-    """Inside, slices whose kernel exceeds ``nbytes`` stream it (0: every
-    slice); the default is :data:`STREAM_BYTES` as set at import."""
-    global STREAM_BYTES
-    old, STREAM_BYTES = STREAM_BYTES, int(nbytes)
+def _setting(name: str, value: int):
+    old = globals()[name]
+    globals()[name] = int(value)
     try:
         yield
     finally:
-        STREAM_BYTES = old
+        globals()[name] = old
+
+
+def stream_above(nbytes: int):
+    """Inside, slices whose kernel exceeds ``nbytes`` stream it (0: every
+    slice); the default is :data:`STREAM_BYTES` as set at import."""
+    return _setting('STREAM_BYTES', nbytes)
+
+
+def share_above(nbytes: int):
+    """Inside, slices share the threads once the kernels of one slice per
+    thread exceed ``nbytes`` (0: whenever a kernel is kept); the default is
+    :data:`SHARE_BYTES` as set at import."""
+    return _setting('SHARE_BYTES', nbytes)
 
 
 # The calls' scratch memory (the kept kernel and the blocks of the
@@ -154,13 +175,13 @@ class SeTCPUFunction(torch.autograd.Function):
         B, h, n, d = v.shape
         qf3, rf3, v3 = _to_slices(qf, rf, v)
         shapes = (B * h, n, *rf.shape[-2:], d, num_iters, STREAM_BYTES,
-                  qf.element_size())
+                  SHARE_BYTES, qf.element_size())
         ws = _scratch(_ext.forward_workspace(*shapes), qf.dtype)
-        y, *saved = _ext.forward(qf3, rf3, v3, num_iters, STREAM_BYTES, ws)
+        y, *saved = _ext.forward(qf3, rf3, v3, num_iters, *shapes[6:8], ws)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(qf3, rf3, v3, y, *saved)
             ctx.dims = B, h
-            ctx.shapes = shapes  # the backward streams the same way
+            ctx.shapes = shapes  # the backward streams and shares alike
         return y.view(B, h, n, d)
 
     @staticmethod
@@ -171,6 +192,6 @@ class SeTCPUFunction(torch.autograd.Function):
         ws = _scratch(_ext.backward_workspace(*ctx.shapes), qf3.dtype)
         gq, gr, gv = _ext.backward(qf3, rf3, v3, y,
                                    gy.reshape(y.shape).contiguous(), *saved,
-                                   need_q, need_r, ctx.shapes[6], ws)
+                                   need_q, need_r, *ctx.shapes[6:8], ws)
         return _grads_from_slices(B, h, gq if need_q else None,
                                   gr if need_r else None, gv)
