@@ -392,8 +392,8 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
       T top = std::numeric_limits<T>::min();
       if (sc) std::fill(sc, sc + m, T(0));
       if (last) std::fill(Zc, Zc + m * c, T(0));
-      KR.blocks(ch, r0, r1, t == 0, u, t, [&](int64_t i0, int64_t nb,
-                                           const T *Kb) {
+      KR.blocks(ch, r0, r1, t == 0, u, t,
+                [&](int64_t i0, int64_t nb, const T *Kb) {
         T blk = top;
         for (int64_t i = i0; i < i0 + nb; ++i) {
           const T *row = Kb + (i - i0) * m;
@@ -441,8 +441,8 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   // pool poorly)
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
     T *Y5 = Xb + ch * rows * c;
-    KR.blocks(ch, r0, r1, false, nullptr, iters + 1, [&](int64_t i0, int64_t nb,
-                                              const T *Kb) {
+    KR.blocks(ch, r0, r1, false, nullptr, iters + 1,
+              [&](int64_t i0, int64_t nb, const T *Kb) {
       mm<T>(false, false, nb, c, m, T(1), Kb, m, X5, c, T(0), Y5, c);
       for (int64_t i = i0; i < i0 + nb; ++i) {
         const T *y5 = Y5 + (i - i0) * c;
@@ -504,8 +504,8 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
     T *gc = R.partial(gX5, part, ch, m * c);
     std::fill(gc, gc + m * c, T(0));
-    KR.blocks(ch, r0, r1, true, nullptr, 0, [&](int64_t i0, int64_t nb,
-                                             const T *Kb) {
+    KR.blocks(ch, r0, r1, true, nullptr, 0,
+              [&](int64_t i0, int64_t nb, const T *Kb) {
       mm<T>(true, false, m, c, nb, T(1), Kb, m, U + i0 * r, r, T(1), gc, c);
     });
   });
@@ -532,8 +532,8 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
     T *gc = R.partial(gb, part, ch, m), *gX4 = Xb + ch * rows * c;
     if (ch > 0) std::fill(gc, gc + m, T(0));
-    KR.blocks(ch, r0, r1, false, nullptr, 1, [&](int64_t i0, int64_t nb,
-                                              const T *Kb) {
+    KR.blocks(ch, r0, r1, false, nullptr, 1,
+              [&](int64_t i0, int64_t nb, const T *Kb) {
       mm<T>(false, false, nb, c, m, T(1), Kb, m, Vf + c, r, T(0), gX4, c);
       for (int64_t i = i0; i < i0 + nb; ++i) {
         const T ah = a_T[i] / a_top, *gx = gX4 + (i - i0) * c;
@@ -566,8 +566,9 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
     R.run([&](int64_t ch, int64_t r0, int64_t r1) {
       T *gc = R.partial(gb_next, part, ch, m);
       if (t > 0) std::fill(gc, gc + m, T(0));
-      KR.blocks(ch, r0, r1, false, nullptr, iters + 1 - t, [&](int64_t i0, int64_t nb,
-                                                const T *Kb) {
+      // passes count on from the two above: step T - 1 is pass 2
+      KR.blocks(ch, r0, r1, false, nullptr, iters + 1 - t,
+                [&](int64_t i0, int64_t nb, const T *Kb) {
         for (int64_t i = i0; i < i0 + nb; ++i) {
           const T *row = Kb + (i - i0) * m;
           prefetch_row(row + kPrefetchRows * m, m);
@@ -586,8 +587,8 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
     T *Gc = G + ch * rows * m, *grc = R.partial(grf, part, ch, m * dp);
     if (grf) std::fill(grc, grc + m * dp, T(0));
-    KR.blocks(ch, r0, r1, false, nullptr, iters + 2, [&](int64_t i0, int64_t nb,
-                                              const T *Kb) {
+    KR.blocks(ch, r0, r1, false, nullptr, iters + 2,
+              [&](int64_t i0, int64_t nb, const T *Kb) {
       mm<T>(false, true, nb, m, r, T(1), U + i0 * r, r, Vf, r, T(0), Gc, m);
       for (int64_t e = 0; e < nb * m; ++e)
         Gc[e] = Kb[e] > floor_ ? Gc[e] * Kb[e] : T(0);
@@ -624,8 +625,8 @@ template <typename T>
 bool slices_share_pool(int64_t S, const Dims<T> &D) {
   if (at::in_parallel_region()) return false;
   const int64_t threads = at::get_num_threads();
-  return S < threads ||
-         (threads > 1 && std::min(S, threads) * D.kept_bytes() > D.share_bytes);
+  return S < threads || (threads > 1 && std::min(S, threads) *
+                                              D.kept_bytes() > D.share_bytes);
 }
 
 template <typename T, typename W>
