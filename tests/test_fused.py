@@ -4,7 +4,9 @@ here under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on hosts
 without CUDA)."""
 import contextlib
 import importlib
+import os.path as osp
 import platform
+import sys
 
 import pytest
 import torch
@@ -392,15 +394,10 @@ def test_cpu_kernel_keeps_its_scratch_buffer_between_calls(monkeypatch):
     fwd, bwd = (4 * f(*shapes) for f in (fused_cpu._ext.forward_workspace,
                                          fused_cpu._ext.backward_workspace))
     assert bwd > fwd > 2**20
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
-        step()
-    live = peak = 0
-    for e in sorted(p.profiler.kineto_results.events(),
-                    key=lambda e: e.start_ns()):
-        if e.name() == '[memory]':
-            live += e.nbytes()
-            peak = max(peak, live)
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(__file__)),
+                                'tools'))
+    from benchmark import peak_memory  # the allocator's events, as measured
+    peak = peak_memory(step, torch.device('cpu'))
     assert bwd <= peak < bwd + fwd // 2
     fused_cpu.empty_cache()
     # no 2 MiB-aligned interior in a small buffer: nothing to advise
