@@ -97,12 +97,21 @@ def close_distributed() -> None:
     A process that exits with the group alive leaves gloo's worker threads
     holding work (and tensors) while the interpreter shuts down; a rank then
     aborts now and then ("terminate called without an active exception",
-    SIGABRT) and torchrun fails a finished run.  Not called when the run
-    raised: destroying it while other ranks wait in a collective can hang.
+    SIGABRT) and torchrun fails a finished run.  Destroying the group is not
+    enough while the DDP wrapper still holds it: callers drop their Runner
+    first, the garbage collector frees its cycles (model, reducer, their
+    pending work) here, and all ranks meet before the group goes.  Not called
+    when the run raised: destroying it while other ranks wait in a
+    collective can hang.
     """
+    import gc
+
     import torch.distributed as dist
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    gc.collect()
 
 
 def _compile_hook(cfg: Config) -> None:

@@ -46,8 +46,10 @@ def main():
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg \
         else RUNNERS.build(cfg)
     metrics = runner.test()
+    rank = runner.rank
+    del runner  # its DDP wrapper holds the process group
     close_distributed()
-    if args.metrics_json and runner.rank == 0:
+    if args.metrics_json and rank == 0:
         with open(args.metrics_json, 'w') as f:
             json.dump(metrics, f, indent=1, default=_jsonable)
 
