@@ -24,6 +24,8 @@ is read from the allocator's events through torch's profiler (kept out of
 the timed runs); on CUDA it is the allocator peak.
 """
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import json
 import os
@@ -47,6 +49,32 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 # -- measurement --------------------------------------------------------------
+def keep_freed_memory() -> str:
+    """Make glibc keep freed blocks of up to 32 MiB for reuse; returns how
+    the process allocates, for the report.
+
+    By default glibc hands a freed block above its mmap threshold back to
+    the system, and the next tensor of that size faults its pages in again
+    (measured on this project's VMs: ~1.7 us per 4 KiB page, so ~0.4 ms
+    per MB of every fresh activation).  PyTorch's CPU allocator does not
+    cache, so that cost lands on whichever model allocates the most fresh
+    memory per op (Swin-T at 800 x 1344 went from 1.5-1.9 s to 1.1-1.2 s
+    with this setting; SeTformer-T, whose SeT keeps its scratch buffer,
+    moved by <= 5 %).  The benchmark compares implementations, so every
+    candidate runs with this setting (``--malloc system`` to measure
+    without it)."""
+    name = ctypes.util.find_library('c')
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return 'system allocator (no glibc mallopt here)'
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if mallopt(m_mmap_threshold, 32 << 20) and \
+            mallopt(m_trim_threshold, (1 << 31) - 1):
+        return 'glibc malloc keeps freed blocks <= 32 MiB (mallopt)'
+    return 'system allocator (mallopt refused)'
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -547,6 +575,7 @@ def _mib(b):
 
 def to_markdown(report) -> str:
     out = [f'Machine: {report["machine"]}; {report["date"]}; '
+           f'{report.get("allocator", "system allocator")}; '
            f'{"quick mode; " if report["quick"] else ""}'
            f'medians of interleaved runs.', '']
     if 'operator' in report:
@@ -719,14 +748,21 @@ def main():
         ROOT, 'demo_out', 'det', 'work_dir', 'epoch_24.pth'),
         help='trained model whose features the Sinkhorn part also uses '
         '(skipped when missing; `make demo` writes the default)')
+    p.add_argument('--malloc', choices=['keep', 'system'], default='keep',
+                   help='keep: glibc keeps freed blocks for reuse, so no '
+                   'candidate pays page faults for fresh activations on '
+                   'every call (see keep_freed_memory); system: as is')
     args = p.parse_args()
+    allocator = keep_freed_memory() if args.malloc == 'keep' else \
+        'system allocator'
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     report = dict(machine=machine() if device.type == 'cpu' else
                   f'{torch.cuda.get_device_name(device)}, torch '
                   f'{torch.__version__}, CUDA {torch.version.cuda}, host '
                   f'{machine()}',
-                  date=time.strftime('%Y-%m-%d'), quick=args.quick)
+                  date=time.strftime('%Y-%m-%d'), quick=args.quick,
+                  allocator=allocator)
     t0 = time.time()
     parts = args.only or ['operator', 'backbone', 'model'] + (
         ['sinkhorn'] if device.type == 'cpu' else [])
