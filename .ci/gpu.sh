@@ -4,8 +4,23 @@
 #   bash .ci/gpu.sh ops       # SeT operator tests on CUDA (needs mmengine)
 #   bash .ci/gpu.sh tests     # every CUDA test: operator, models, NCCL
 #   bash .ci/gpu.sh bench     # tools/benchmark.py --device cuda
+#   bash .ci/gpu.sh session   # all of it within one lease (below)
+#   bash .ci/gpu.sh wheels    # (run where pip reaches PyPI) fill .whl/
 # OUT=dir collects logs and results (default ./gpu_out).  Offline machines:
 # PIP_NO_INDEX=1 PIP_FIND_LINKS=/dir/of/wheels (mmcv's sdist among them).
+#
+# A lent GPU machine (Python 3.12, torch + CUDA, Triton, timm; no package
+# registry) gets 15 minutes of device time per session, and a source build
+# of mmcv's CUDA ops takes ~6 of them.  So: here, `bash .ci/gpu.sh wheels`
+# (the stack's wheels and mmcv's sdist, ~20 MB, into the git-ignored
+# .whl/), then one device run, carrying .whl, of `bash .ci/gpu.sh session`:
+# the operator's CUDA tests and the backbone benchmark (Swin from timm)
+# run while mmcv builds in the background, then the model tests (AMP,
+# NCCL) and the whole-model benchmark.  Every step's log and results go
+# to $OUT as they finish, so a run stopped at its time limit still
+# returns them; the built mmcv wheel comes back in <= 15 MiB parts when
+# it is small enough (`cat mmcv-*.part* > .whl/<name>` skips the build
+# next time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -31,5 +46,88 @@ case "${1:-all}" in
       2>&1 | tee "$OUT/bench.log" ;;
   all)
     bash "$0" install && bash "$0" tests && bash "$0" bench ;;
-  *) echo "usage: $0 install|ops|tests|bench|all" >&2; exit 2 ;;
+  wheels)
+    # What the GPU machine lacks, for its Python (3.12) and platform.  The
+    # project's environment (setuptools < 80, torch) reads mmcv's setup.py.
+    W=.whl
+    mkdir -p "$W"
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || \
+      echo '/.whl/' >> .git/info/exclude
+    DL="${PYTHON:-python3}"
+    [[ -z "${PYTHON:-}" && -x .venv/bin/python ]] && DL=.venv/bin/python
+    get() {
+      "$DL" -m pip download -q --no-deps --only-binary=:all: \
+        --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+        -d "$W" "$@"
+    }
+    get mmengine==0.10.7 mmdet==3.3.0 mmsegmentation==1.2.2 \
+      mmpretrain==1.2.0 addict yapf termcolor platformdirs \
+      "pycocotools>=2.0.7" shapely terminaltables prettytable wcwidth ftfy \
+      mat4py modelindex model-index ordered-set importlib-metadata flake8 \
+      pyflakes pycodestyle mccabe isort
+    # tools/install.sh: below 70 to build mmcv, then 77-79 for torch
+    get setuptools==69.5.1
+    get setuptools==79.0.1
+    "$DL" -m pip download -q --no-deps --no-binary=:all: \
+      --no-build-isolation -d "$W" mmcv==2.1.0
+    ls "$W"; du -sh "$W" ;;
+  session)
+    # $OUT returns 8 files at most: one log, two benchmark reports (md +
+    # json each), and up to three parts of the built mmcv wheel.
+    T0=$(date +%s)
+    LOGS="$(mktemp -d)"
+    at() {
+      echo "[session +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/session.log"
+    }
+    # step NAME CMD...: run, log to $LOGS/NAME.log, its tail into the log
+    step() {
+      local name="$1"; shift
+      at "$name: $*"
+      "$@" > "$LOGS/$name.log" 2>&1
+      local rc=$?
+      tail -n 40 "$LOGS/$name.log" >> "$OUT/session.log"
+      at "$name: rc $rc"
+    }
+    # bench NAME ARGS...: tools/benchmark.py --device cuda, report to $OUT
+    bench() {
+      local name="$1"; shift
+      step "bench_$name" "$PY" tools/benchmark.py --device cuda \
+        --out "$LOGS/$name" "$@"
+      for f in "$LOGS/$name"/benchmark_cuda.{md,json}; do
+        [[ -f "$f" ]] && cp "$f" "$OUT/$(basename "${f%.*}")_$name.${f##*.}"
+      done
+    }
+    if [[ -d .whl ]]; then
+      export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl"
+    fi
+    nvidia-smi -L >> "$OUT/session.log"
+    step light "$PY" -m pip install -q --no-deps mmengine==0.10.7 addict \
+      yapf termcolor platformdirs
+    at "background: tools/install.sh (mmcv 2.1.0's CUDA ops from source)"
+    MMSETFORMER_TORCH=existing PYTHON="$PY" MAX_JOBS="${MAX_JOBS:-12}" \
+      bash tools/install.sh > "$LOGS/install.log" 2>&1 < /dev/null &
+    BUILD=$!
+    # the source tree for the foreground (install.sh installs it, with the
+    # SeT CPU kernel, at its end)
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    step tests_ops "$PY" -m pytest -q -rs tests/test_cuda.py \
+      -k 'not model_amp and not nccl'
+    bench early --only operator backbone --swin timm
+    wait "$BUILD"; rc=$?
+    tail -n 40 "$LOGS/install.log" >> "$OUT/session.log"
+    at "install.sh: rc $rc"
+    whl="$(find ~/.cache/pip/wheels -name 'mmcv-2.1.0-*.whl' | head -1)"
+    if [[ -n "$whl" ]]; then
+      at "built $(basename "$whl"): $(du -m "$whl" | cut -f1) MB"
+      if (( $(stat -c %s "$whl") <= 45 * 2**20 )); then
+        split -b 15M -d "$whl" "$OUT/$(basename "$whl").part"
+      fi
+    fi
+    step tests_models "$PY" -m pytest -q -rs tests/test_cuda.py \
+      -k 'model_amp or nccl'
+    bench models --only model
+    at done ;;
+  *) echo "usage: $0 install|ops|tests|bench|all|session|wheels" >&2; exit 2 ;;
 esac

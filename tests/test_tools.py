@@ -150,6 +150,27 @@ def test_benchmark_keeps_freed_memory():
     assert int(out['keep'][1]) < 200, out
 
 
+def test_benchmark_swin_from_timm_matches_mmdet():
+    # the GPU session's baseline before mmdet imports: the same Swin-T
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    assert benchmark.swin_source() == 'mmdet'  # mmdet imports here
+    x = torch.randn(1, 3, 64, 96)
+    nets = {src: benchmark.backbones(True, src)['Swin-T'](64, x.shape[-2:])
+            for src in ('mmdet', 'timm')}
+    params = {k: sum(p.numel() for p in n.parameters())
+              for k, n in nets.items()}
+    assert abs(params['timm'] / params['mmdet'] - 1) < 1e-3, params
+    for n in nets.values():
+        n.eval()  # (mmdet's Swin returns None from train())
+    with torch.no_grad():
+        shapes = {k: [tuple(o.shape) for o in n(x)] for k, n in nets.items()}
+    # mmdet: NCHW, timm: NHWC; strides 4-32, widths 96-768
+    assert [(s[0], s[2], s[3], s[1]) for s in shapes['mmdet']] == \
+        shapes['timm'] == [(1, 64 // s, 96 // s, 96 * s // 4)
+                           for s in (4, 8, 16, 32)]
+
+
 def test_benchmark_quick_smoke(tmp_path):
     out = str(tmp_path / 'bench')
     run([PY, 'tools/benchmark.py', '--quick', '--out', out,

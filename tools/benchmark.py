@@ -290,7 +290,30 @@ def _repeats(args, device):
 
 
 # -- part 2: backbones --------------------------------------------------------
-def _swin(depths, heads_, embed=96):
+SWIN_TIMM = {(2, 2, 6, 2): 'swin_tiny_patch4_window7_224',
+             (2, 2, 18, 2): 'swin_small_patch4_window7_224'}
+
+
+def swin_source(choice: str = 'auto') -> str:
+    """Where the Swin baselines come from: 'mmdet' (its SwinTransformer, the
+    backbone of the configs SeTformer replaces) or 'timm' (the same
+    architecture, for an environment without mmdet, e.g. a GPU machine
+    still building mmcv's ops); 'auto': mmdet where it imports."""
+    if choice != 'auto':
+        return choice
+    try:
+        from mmdet.models.backbones import SwinTransformer  # noqa: F401
+    except Exception:  # not installed, or mmcv without its compiled ops
+        return 'timm'
+    return 'mmdet'
+
+
+def _swin(depths, heads_, embed=96, source='mmdet', hw=(224, 224)):
+    if source == 'timm':
+        import timm
+        return timm.create_model(SWIN_TIMM[tuple(depths)], pretrained=False,
+                                 features_only=True, img_size=tuple(hw),
+                                 drop_path_rate=0.)
     from mmdet.models.backbones import SwinTransformer
     return SwinTransformer(embed_dims=embed, depths=depths,
                            num_heads=heads_, window_size=7,
@@ -314,20 +337,25 @@ class _ReferenceSeT(torch.nn.Module):
             return self.backbone(x)
 
 
-def backbones(quick):
+def backbones(quick, swin='mmdet'):
+    """{name: make(m, (h, w))}: SeTformer with m references, Swin (from
+    ``swin``, see :func:`swin_source`) built for h x w inputs."""
+    def sw(depths):
+        return lambda m, hw: _swin(depths, (3, 6, 12, 24), source=swin,
+                                   hw=hw)
     if quick:
-        return {'SeTformer-M': lambda m: _setformer('m', m),
+        return {'SeTformer-M': lambda m, hw: _setformer('m', m),
                 'SeTformer-M (reference SeT)':
-                lambda m: _ReferenceSeT(_setformer('m', m)),
-                'Swin-T': lambda m: _swin((2, 2, 6, 2), (3, 6, 12, 24))}
+                lambda m, hw: _ReferenceSeT(_setformer('m', m)),
+                'Swin-T': sw((2, 2, 6, 2))}
     return {
-        'SeTformer-M': lambda m: _setformer('m', m),
-        'SeTformer-T': lambda m: _setformer('t', m),
+        'SeTformer-M': lambda m, hw: _setformer('m', m),
+        'SeTformer-T': lambda m, hw: _setformer('t', m),
         'SeTformer-T (reference SeT)':
-        lambda m: _ReferenceSeT(_setformer('t', m)),
-        'SeTformer-S': lambda m: _setformer('s', m),
-        'Swin-T': lambda m: _swin((2, 2, 6, 2), (3, 6, 12, 24)),
-        'Swin-S': lambda m: _swin((2, 2, 18, 2), (3, 6, 12, 24)),
+        lambda m, hw: _ReferenceSeT(_setformer('t', m)),
+        'SeTformer-S': lambda m, hw: _setformer('s', m),
+        'Swin-T': sw((2, 2, 6, 2)),
+        'Swin-S': sw((2, 2, 18, 2)),
     }
 
 
@@ -347,9 +375,12 @@ def bench_backbone(args, device, report):
                     ('128x192, batch 1', (1, 128, 192), 64, None)]
     # on a GPU also in mixed precision (fp16 autocast), as users train
     precisions = [None, torch.float16] if device.type == 'cuda' else [None]
+    swin = swin_source(args.swin)
+    print(f'  Swin baselines from {swin}', flush=True)
     rows = []
     for label, (b, h, w), m, only in settings:
-        models = {k: f(m).to(device) for k, f in backbones(args.quick).items()
+        models = {k: f(m, (h, w)).to(device)
+                  for k, f in backbones(args.quick, swin).items()
                   if only is None or k in only}
         x = torch.randn(b, 3, h, w, device=device)
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
@@ -405,6 +436,7 @@ def bench_backbone(args, device, report):
         del models
         gc.collect()
     report['backbone'] = rows
+    report['swin'] = swin
 
 
 # -- part 3: whole models -----------------------------------------------------
@@ -629,8 +661,11 @@ def to_markdown(report) -> str:
                            f'{r["time"] / last[r["mode"]]["time"]:.2f} |')
         out.append('')
     if 'backbone' in report:
+        swin = {'mmdet': "mmdet's SwinTransformer",
+                'timm': "timm's swin_*_patch4_window7 (features_only)"}[
+                    report.get('swin', 'mmdet')]
         out += ['**Backbones** (SeTformer at the paper\'s m for the task: '
-                '500 at 224², 750 at 800×1344):', '',
+                f'500 at 224², 750 at 800×1344; Swin: {swin}):', '',
                 '| setting | mode | model | time s | img/s | time vs Swin-T | '
                 'peak MiB | memory vs Swin-T | params M | GFLOPs |',
                 '|' + ' --- |' * 10]
@@ -748,6 +783,9 @@ def main():
         ROOT, 'demo_out', 'det', 'work_dir', 'epoch_24.pth'),
         help='trained model whose features the Sinkhorn part also uses '
         '(skipped when missing; `make demo` writes the default)')
+    p.add_argument('--swin', choices=['auto', 'mmdet', 'timm'],
+                   default='auto', help='the Swin baselines: mmdet\'s '
+                   'backbone (auto: where mmdet imports) or timm\'s')
     p.add_argument('--malloc', choices=['keep', 'system'], default='keep',
                    help='keep: glibc keeps freed blocks for reuse, so no '
                    'candidate pays page faults for fresh activations on '
