@@ -114,7 +114,7 @@ case "${1:-all}" in
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     step tests_ops "$PY" -m pytest -q -rs tests/test_cuda.py \
       -k 'not model_amp and not nccl'
-    bench early --only operator backbone --swin timm
+    bench early --only operator backbone --swin timm --models SeTformer-T
     wait "$BUILD"; rc=$?
     tail -n 40 "$LOGS/install.log" >> "$OUT/session.log"
     at "install.sh: rc $rc"

@@ -192,4 +192,9 @@ def test_benchmark_quick_smoke(tmp_path):
         report['machine'])
     assert all(r['time'] > 0 and r['peak_mem'] > 0
                for r in report['operator']['rows'])
+    # every SeT candidate's error against the float64 reference, reported
+    acc = report['operator']['accuracy']
+    assert set(acc) == {'SeT', 'SeT (reference)'} | (
+        {'SeT (streamed)'} if fused_cpu.available() else set())
+    assert all(0 < e < 1e-4 for e in acc.values()), acc
     assert osp.getsize(osp.join(out, 'benchmark_scaling.png')) > 10000

@@ -24,6 +24,7 @@ is read from the allocator's events through torch's profiler (kept out of
 the timed runs); on CUDA it is the allocator peak.
 """
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -193,10 +194,15 @@ def bench_operator(args, device, report):
                     return set_op()
             fns['SeT (streamed)'] = set_streamed
         if cuda:
-            def set_triton():
-                with set_backend('triton'):
-                    return set_op()
-            fns['SeT (triton)'] = set_triton
+            # the Triton kernels at each tl.dot input precision: the TF32
+            # ones only become a default once their error (below) is known
+            for prec in ('ieee', 'tf32x3', 'tf32')[:1 if n > 50176 else 3]:
+                def set_triton(prec=prec):
+                    with set_backend('triton'), _env(
+                            'MMSETFORMER_SET_PRECISION', prec):
+                        return set_op()
+                fns['SeT (triton)' if prec == 'ieee' else
+                    f'SeT (triton, {prec})'] = set_triton
             # flash attention takes half inputs: bf16 copies as own leaves
             qb, kb, vb = (t.bfloat16() for t in (q, k, v))
             leaves += (qb, kb, vb)
@@ -206,6 +212,13 @@ def bench_operator(args, device, report):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(qb, kb, vb)
             fns['softmax (SDPA flash, bf16)'] = flash
+        if side == sides[0]:
+            with torch.no_grad(), set_backend('reference'):
+                y64 = set_attention(q.double(), v.double(), refs.double(),
+                                    eps=eps, num_iters=T, pos=pos,
+                                    sigma=sigma)
+            accuracy = _accuracy({k: f for k, f in fns.items()
+                                  if k.startswith('SeT')}, y64)
         big_sdpa = n > 20000 and device.type == 'cpu'
         for mode in ('forward', 'forward+backward'):
             cands = {name: _operator_call(fn, leaves, mode != 'forward')
@@ -229,7 +242,8 @@ def bench_operator(args, device, report):
                       f'{times[name] * 1e3:9.2f} ms {mem / 2**20:9.1f} MiB',
                       flush=True)
     report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
-                              sigma=sigma, num_iters=T, rows=rows)
+                              sigma=sigma, num_iters=T, rows=rows,
+                              accuracy=accuracy)
     if cuda and not args.quick:
         report['operator']['batched'] = _batched_tokens(
             args, device, sides[:3], dict(eps=eps, num_iters=T, sigma=sigma),
@@ -258,6 +272,27 @@ def _batched_tokens(args, device, sides, kw, m, heads, d):
             print(f'  operator {B:2d} x n={n:6d} {mode:17s} SeT '
                   f'{t * 1e3:9.2f} ms', flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _accuracy(fns, y64):
+    """Each candidate's forward error against ``y64``, the reference in
+    float64 on the same device: max |y - y64| / max |y64|."""
+    with torch.no_grad():
+        return {k: ((f().double() - y64).abs().max() / y64.abs().max()).item()
+                for k, f in fns.items()}
 
 
 def _operator_inputs(B, heads, n, m, d, device):
@@ -381,7 +416,8 @@ def bench_backbone(args, device, report):
     for label, (b, h, w), m, only in settings:
         models = {k: f(m, (h, w)).to(device)
                   for k, f in backbones(args.quick, swin).items()
-                  if only is None or k in only}
+                  if (only is None or k in only) and
+                  (not args.models or k in args.models + ['Swin-T'])}
         x = torch.randn(b, 3, h, w, device=device)
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
 
@@ -647,6 +683,12 @@ def to_markdown(report) -> str:
                     out.append(f'| {name}, {mode} | '
                                f'{b["time"] / a["time"] / f:.2f} | '
                                f'{b["peak_mem"] / a["peak_mem"] / f:.2f} |')
+        acc = op.get('accuracy')
+        if acc:
+            out += ['', f'SeT forward error at n = {ns[0]} against the '
+                    'reference in float64 (max |y − y64| / max |y64|):', '',
+                    '| implementation | error |', '| --- | --- |']
+            out += [f'| {k} | {e:.1e} |' for k, e in acc.items()]
         batched = op.get('batched')
         if batched:
             total = batched[0]['n'] * batched[0]['batch']
@@ -783,6 +825,9 @@ def main():
         ROOT, 'demo_out', 'det', 'work_dir', 'epoch_24.pth'),
         help='trained model whose features the Sinkhorn part also uses '
         '(skipped when missing; `make demo` writes the default)')
+    p.add_argument('--models', nargs='+', metavar='NAME',
+                   help='backbones to run (Swin-T, the reference, always '
+                   'runs), e.g. SeTformer-T')
     p.add_argument('--swin', choices=['auto', 'mmdet', 'timm'],
                    default='auto', help='the Swin baselines: mmdet\'s '
                    'backbone (auto: where mmdet imports) or timm\'s')
