@@ -1,11 +1,13 @@
 """Fused SeT on the CPU: the compiled kernel of ``csrc/set_cpu.cpp``.
 
-Each (batch, head) slice runs start to finish on one thread with its
-kernel in a per-thread workspace (cache-resident for small slices; rebuilt
-block by block on every pass for huge ones, see ``STREAM_BYTES``), one
-fused sweep per Sinkhorn iteration, and the backward rebuilds the kernel
-instead of keeping it: no n x m tensor outlives a call (the scratch
-memory it was built in is kept for the next call, see ``CACHE_BYTES``).
+Each (batch, head) slice runs start to finish on one thread: it builds
+its query features from q (a view of the layer's projection) in one pass,
+then its kernel in a per-thread workspace (cache-resident for small
+slices; rebuilt block by block on every pass for huge ones, see
+``STREAM_BYTES``), one fused sweep per Sinkhorn iteration, and the
+backward rebuilds the kernel instead of keeping it: no n x m tensor
+outlives a call (the scratch memory it was built in is kept for the next
+call, see ``CACHE_BYTES``).
 Built by ``pip install -e .`` (``setup.py``); where it is missing, or the
 CPU lacks the instructions it was built for, :func:`available` is False
 and the reference runs.
@@ -20,7 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .set_attention import _grads_from_slices, _to_slices
+from .set_attention import NORM_DELTA, _grads_from_slices
 
 
 def builds() -> Dict[str, object]:
@@ -167,31 +169,41 @@ def why_unavailable() -> str:
 
 
 class SeTCPUFunction(torch.autograd.Function):
-    """Same contract as the reference ``_SeTFunction``: (qf (B,h,n,d'),
-    rf (1,h,m,d'), v (B,h,n,d), T) -> y (B,h,n,d), CPU, fp32 or fp64."""
+    """(q (B,h,n,d), tok (n, k), rf (1,h,m,d+k), v (B,h,n,d), eps, T) -> y
+    (B,h,n,d), CPU, fp32 or fp64: the reference ``_SeTFunction`` on the
+    features ``qf = [q / (|q| + NORM_DELTA) / eps, tok]`` (as
+    ``_features``), which the kernel builds itself.  q and v may be views
+    with rows of unit stride (the layer's projection, split into heads):
+    no copy of them is made."""
 
     @staticmethod
-    def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
+    def forward(ctx, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,
+                eps: float, num_iters: int):
         B, h, n, d = v.shape
-        qf3, rf3, v3 = _to_slices(qf, rf, v)
-        shapes = (B * h, n, *rf.shape[-2:], d, num_iters, STREAM_BYTES,
-                  SHARE_BYTES, qf.element_size())
-        ws = _scratch(_ext.forward_workspace(*shapes), qf.dtype)
-        y, *saved = _ext.forward(qf3, rf3, v3, num_iters, *shapes[6:8], ws)
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(qf3, rf3, v3, y, *saved)
-            ctx.dims = B, h
+        q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
+        rf3 = rf.reshape(h, rf.shape[-2], rf.shape[-1]).contiguous()
+        tok = tok.contiguous()
+        shapes = (B * h, n, *rf3.shape[-2:], d, num_iters, STREAM_BYTES,
+                  SHARE_BYTES, q.element_size())
+        ws = _scratch(_ext.forward_workspace(*shapes), q.dtype)
+        y, *saved = _ext.forward(q, tok, rf3, v, eps, NORM_DELTA, num_iters,
+                                 *shapes[6:8], ws)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, tok, rf3, v, y, *saved)
+            ctx.eps = eps
             ctx.shapes = shapes  # the backward streams and shares alike
         return y.view(B, h, n, d)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        qf3, rf3, v3, y, *saved = ctx.saved_tensors
-        B, h = ctx.dims
-        need_q, need_r = ctx.needs_input_grad[:2]
-        ws = _scratch(_ext.backward_workspace(*ctx.shapes), qf3.dtype)
-        gq, gr, gv = _ext.backward(qf3, rf3, v3, y,
+        q, tok, rf3, v, y, *saved = ctx.saved_tensors
+        B, h = q.shape[:2]
+        need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        ws = _scratch(_ext.backward_workspace(*ctx.shapes), q.dtype)
+        gq, gr, gv = _ext.backward(q, tok, rf3, v, y,
                                    gy.reshape(y.shape).contiguous(), *saved,
-                                   need_q, need_r, *ctx.shapes[6:8], ws)
-        return _grads_from_slices(B, h, gq if need_q else None,
-                                  gr if need_r else None, gv)
+                                   need_q, need_r, ctx.eps, NORM_DELTA,
+                                   *ctx.shapes[6:8], ws)
+        gq, gr, gv, _ = _grads_from_slices(B, h, gq if need_q else None,
+                                           gr if need_r else None, gv)
+        return gq, None, gr, gv, None, None

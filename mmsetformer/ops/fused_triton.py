@@ -37,8 +37,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .set_attention import (_grads_from_slices, _safe_div, _safe_div_grad,
-                            _to_slices)
+from .set_attention import _grads_from_slices, _safe_div, _safe_div_grad
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
@@ -213,6 +212,16 @@ class _Passes:
                     self.chunk, **args)
             gr = gr.sum(0)
         return gq, gr
+
+
+def _to_slices(qf: Tensor, rf: Tensor,
+               v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, h, n, d') qf, (1, h, m, d') rf, (B, h, n, d) v -> contiguous
+    (B*h, n, d'), (h, m, d'), (B*h, n, d)."""
+    B, h, n, dp = qf.shape
+    return (qf.reshape(B * h, n, dp).contiguous(),
+            rf.reshape(h, rf.shape[-2], dp).contiguous(),
+            v.reshape(B * h, n, v.shape[-1]).contiguous())
 
 
 def _top(x: Tensor) -> Tensor:

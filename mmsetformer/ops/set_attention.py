@@ -119,18 +119,29 @@ def _features(q: Tensor, refs: Tensor, eps: float, pos: Optional[Pos],
     """
     dtype = _compute_dtype(q)
     qf = _unit(q.to(dtype)) / eps
-    rf = _unit(refs.to(dtype)).unsqueeze(0)
-    if pos is not None:
-        tok, ref = (p.to(device=q.device, dtype=dtype) for p in pos)
-        s2 = float(sigma)**2
-        tok_f = torch.cat([-(tok * tok).sum(-1, keepdim=True), 2 * tok,
-                           tok.new_ones(tok.shape[0], 1)], -1) / s2
-        ref_f = torch.cat([ref.new_ones(ref.shape[0], 1), ref,
-                           -(ref * ref).sum(-1, keepdim=True)], -1)
+    tok_f, rf = _ref_features(refs, pos, sigma, dtype, q.device)
+    if tok_f is not None:
         b, h, n, _ = qf.shape
         qf = torch.cat([qf, tok_f.expand(b, h, n, -1)], -1)
-        rf = torch.cat([rf, ref_f.expand(1, h, -1, -1)], -1)
     return qf, rf
+
+
+def _ref_features(refs: Tensor, pos: Optional[Pos], sigma: Optional[float],
+                  dtype: torch.dtype,
+                  device) -> Tuple[Optional[Tensor], Tensor]:
+    """The references' features rf (1, h, m, d') of :func:`_features` and
+    the tokens' position features (n, k) that complete ``qf`` (None
+    without LPE)."""
+    rf = _unit(refs.to(dtype)).unsqueeze(0)
+    if pos is None:
+        return None, rf
+    tok, ref = (p.to(device=device, dtype=dtype) for p in pos)
+    s2 = float(sigma)**2
+    tok_f = torch.cat([-(tok * tok).sum(-1, keepdim=True), 2 * tok,
+                       tok.new_ones(tok.shape[0], 1)], -1) / s2
+    ref_f = torch.cat([ref.new_ones(ref.shape[0], 1), ref,
+                       -(ref * ref).sum(-1, keepdim=True)], -1)
+    return tok_f, torch.cat([rf, ref_f.expand(1, rf.shape[1], -1, -1)], -1)
 
 
 class _Workspace(threading.local):
@@ -239,18 +250,8 @@ def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, -g * out / safe_den, torch.zeros_like(den))
 
 
-# The fused kernels work on slices: (B*h, n, d') features, (h, m, d')
-# references.  Their autograd functions share these two conversions.
-def _to_slices(qf: Tensor, rf: Tensor,
-               v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(B, h, n, d') qf, (1, h, m, d') rf, (B, h, n, d) v -> contiguous
-    (B*h, n, d'), (h, m, d'), (B*h, n, d)."""
-    B, h, n, dp = qf.shape
-    return (qf.reshape(B * h, n, dp).contiguous(),
-            rf.reshape(h, rf.shape[-2], dp).contiguous(),
-            v.reshape(B * h, n, v.shape[-1]).contiguous())
-
-
+# The fused kernels work on slices: (B*h, n, .) tokens, (h, m, d')
+# references.  Their autograd functions share the way back.
 def _grads_from_slices(B: int, h: int, gq: Optional[Tensor],
                        gr: Optional[Tensor], gv: Tensor) -> tuple:
     """Per-slice gradients back to the inputs' shapes (the references'
@@ -450,9 +451,14 @@ def _observed(x: Tensor) -> bool:
         or x.device.type == 'meta'
 
 
+def _fused_cpu():
+    from . import fused_cpu
+    return fused_cpu
+
+
 def _implementation(qf: Tensor, rf_rows: int = 0):
-    """The autograd function that computes SeT for features ``qf`` (B, h, n,
-    d') against ``rf_rows`` references."""
+    """The autograd function that computes SeT for queries or their
+    features ``qf`` (B, h, n, .) against ``rf_rows`` references."""
     from . import fused_cpu, fused_triton
     name = _BACKEND.name
     if name not in BACKENDS:
@@ -545,7 +551,16 @@ def set_attention(q: Tensor,
     out_dtype = v.dtype
     # Kernel, Sinkhorn and both aggregations stay in fp32 under autocast.
     with torch.autocast(q.device.type, enabled=False):
-        qf, rf = _features(q, refs, eps, pos, sigma)
-        fn = _implementation(qf, rf.shape[-2])
-        y = fn.apply(qf, rf, v.to(qf.dtype), int(num_iters))
+        dtype = _compute_dtype(q)
+        q, v = q.to(dtype), v.to(dtype)
+        fn = _implementation(q, refs.shape[-2])
+        if fn is _fused_cpu().SeTCPUFunction:
+            # the CPU kernel builds the query features itself
+            tok_f, rf = _ref_features(refs, pos, sigma, dtype, q.device)
+            if tok_f is None:
+                tok_f = q.new_empty(q.shape[2], 0)
+            y = fn.apply(q, tok_f, rf, v, float(eps), int(num_iters))
+        else:
+            qf, rf = _features(q, refs, eps, pos, sigma)
+            y = fn.apply(qf, rf, v, int(num_iters))
     return y.to(out_dtype)

@@ -16,8 +16,12 @@
 // gradients of the T unrolled iterations: the tests hold it against the
 // reference and a dense float64 one.
 //
-// Layout: qf (S, n, dp), rf (H, m, dp) with slice s using head s % H,
-// v (S, n, d); S = batch * heads.  Row-major throughout.
+// Layout: q and v (B, h, n, d) with rows of unit stride (views of the
+// layer's projection: no copy), tok (n, k) the tokens' LPE features, rf
+// (h, m, d + k) with slice s = b h + head using head s % h; S = B h.  The
+// kernel builds each slice's query features qf (n, dp = d + k) itself, as
+// _features in set_attention.py does: [q / (|q| + delta) / eps, tok].
+// Row-major throughout.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -244,6 +248,44 @@ void kernel_block(const T *qf, const T *rf, int64_t m, int64_t dp,
   }
 }
 
+// Rows of one slice of a (B, h, n, d) tensor whose rows have unit stride.
+template <typename T>
+struct RowsOf {
+  const T *p;
+  int64_t stride;  // between consecutive rows
+  const T *operator[](int64_t i) const { return p + i * stride; }
+};
+
+// Rows [i0, i1) of the query features qf (dp = d + k columns, row i at
+// qf + i dp): [q_i / (|q_i| + delta) / eps, tok_i].
+template <typename T>
+void query_features(RowsOf<T> q, const T *tok, int64_t d, int64_t k, T eps,
+                    T delta, int64_t i0, int64_t i1, T *qf) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const T *x = q[i];
+    T *f = qf + i * (d + k);
+    const T den = std::sqrt(dot(x, x, d)) + delta;
+    for (int64_t j = 0; j < d; ++j) f[j] = x[j] / den / eps;
+    std::copy(tok + i * k, tok + (i + 1) * k, f + d);
+  }
+}
+
+// dL/dq of rows [i0, i1) into gq (row i at gq + i d) from dL/dqf's first d
+// columns (row i at g + (i - i0) dp): through qf = q / (|q| + delta) / eps,
+// gq = (g - (g.q) q / (|q| (|q| + delta))) / ((|q| + delta) eps), the
+// second term 0 at q = 0 (as autograd's norm backward).
+template <typename T>
+void query_grads(RowsOf<T> q, const T *g, int64_t dp, int64_t d, T eps,
+                 T delta, int64_t i0, int64_t i1, T *gq) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const T *x = q[i], *gi = g + (i - i0) * dp;
+    T *o = gq + i * d;
+    const T nrm = std::sqrt(dot(x, x, d)), den = nrm + delta;
+    const T c = nrm > 0 ? dot(gi, x, d) / (nrm * den) : T(0);
+    for (int64_t j = 0; j < d; ++j) o[j] = (gi[j] - c * x[j]) / den / eps;
+  }
+}
+
 // Where a pass over the kernel reads its rows from.  Kept: the whole n x m
 // kernel, built by the first pass and read by the others.  Streamed: no
 // n x m buffer; every pass rebuilds each block of rows in a small buffer
@@ -301,6 +343,7 @@ inline int64_t pad8(int64_t x) { return (x + 7) / 8 * 8; }
 template <typename T>
 struct Dims {
   int64_t n, m, dp, d, iters;
+  T eps, delta;  // of the query features (query_features)
   bool stream;  // rebuild the kernel's blocks in every pass (KernelRows)
   int64_t share_bytes;  // see slices_share_pool
   // bytes of the n x m kernel a slice keeps while it runs
@@ -332,12 +375,12 @@ void scale(T a, T *x, int64_t len) {
 // Rows [i0, i1) of X4 = [a^ v | a^ | 0...] (c columns), a^ = a / top, into
 // X4b (a block: row i at X4b + (i - i0) c).
 template <typename T>
-void rows_x4(const T *a, const T *v, T top, int64_t d, int64_t c, int64_t i0,
-             int64_t i1, T *X4b) {
+void rows_x4(const T *a, RowsOf<T> v, T top, int64_t d, int64_t c,
+             int64_t i0, int64_t i1, T *X4b) {
   for (int64_t i = i0; i < i1; ++i) {
     const T ah = a[i] / top;
     T *x = X4b + (i - i0) * c;
-    for (int64_t k = 0; k < d; ++k) x[k] = ah * v[i * d + k];
+    for (int64_t k = 0; k < d; ++k) x[k] = ah * v[i][k];
     x[d] = ah;
     std::fill(x + d + 1, x + c, T(0));
   }
@@ -356,8 +399,8 @@ struct Saved {
 template <typename T>
 int64_t forward_ws(const Dims<T> &D, int64_t chunks) {
   const int64_t c = D.c();
-  return D.kernel_ws(chunks) + chunks * D.rows() * c + 2 * D.m * c +
-         (chunks - 1) * D.m * c;
+  return D.n * D.dp + D.kernel_ws(chunks) + chunks * D.rows() * c +
+         2 * D.m * c + (chunks - 1) * D.m * c;
 }
 
 // One slice: T + 2 passes over the kernel's rows.  Pass t <= T: u_t = K b_t
@@ -366,13 +409,17 @@ int64_t forward_ws(const Dims<T> &D, int64_t chunks) {
 // the last of them (t = T) the block's share of [Z~ | s4] = K^T [a^ v | a^]
 // instead.  Then [Y~ | w] = K [b^ z | b^].
 template <typename T>
-void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
-                   T *y, const Saved<T> &S, T *ws) {
+void forward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
+                   RowsOf<T> v, T *y, const Saved<T> &S, T *ws) {
   const int64_t n = D.n, m = D.m, d = D.d, c = D.c(), iters = D.iters,
                 rows = D.rows();
   const T inv_n = T(1) / n, inv_m = T(1) / m;
   const Rows R(n);
   Carve<T> W{ws};
+  T *qf = W.take(n * D.dp);
+  R.run([&](int64_t, int64_t r0, int64_t r1) {
+    query_features(q, tok, d, D.dp - d, D.eps, D.delta, r0, r1, qf);
+  });
   const KernelRows<T> KR = D.kernel(qf, rf, W, R.chunks);
   T *Xb = W.take(R.chunks * rows * c), *Z4 = W.take(m * c),
     *X5 = W.take(m * c), *part = W.take((R.chunks - 1) * m * c);
@@ -456,8 +503,9 @@ void forward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
 template <typename T>
 int64_t backward_ws(const Dims<T> &D, int64_t chunks) {
   const int64_t r = D.rank(), c = D.c();
-  return D.kernel_ws(chunks) + D.n * r + D.m * r + chunks * D.rows() * c +
-         D.m * c + chunks * D.rows() * D.m + 3 * D.m +
+  return D.n * D.dp + D.kernel_ws(chunks) + D.n * r + D.m * r +
+         chunks * D.rows() * std::max(c, D.dp) + D.m * c +
+         chunks * D.rows() * D.m + 3 * D.m +
          (chunks - 1) * D.m * std::max(D.dp, c);
 }
 
@@ -467,16 +515,22 @@ int64_t backward_ws(const Dims<T> &D, int64_t chunks) {
 // passes over the kernel's rows: K^T G5, then K G4 with K^T gu_T on the
 // same rows, one per Sinkhorn step in reverse, and dL/dlogK.
 template <typename T>
-void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
-                    const T *y, const T *gy, const Saved<T> &S, T *gqf,
-                    T *grf, T *gv, T *ws) {
+void backward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
+                    RowsOf<T> v, const T *y, const T *gy, const Saved<T> &S,
+                    T *gq, T *grf, T *gv, T *ws) {
   const int64_t n = D.n, m = D.m, dp = D.dp, d = D.d, c = D.c(),
                 iters = D.iters, r = D.rank(), rows = D.rows();
   const Rows R(n);
   Carve<T> W{ws};
+  T *qf = W.take(n * dp);
+  R.run([&](int64_t, int64_t r0, int64_t r1) {
+    query_features(q, tok, d, dp - d, D.eps, D.delta, r0, r1, qf);
+  });
   const KernelRows<T> KR = D.kernel(qf, rf, W, R.chunks);
+  // Xb: a chunk's block of [values | 1] rows (c) or of dL/dqf rows (dp)
+  const int64_t xw = std::max(c, dp);
   T *U = W.take(n * r), *Vf = W.take(m * r),
-    *Xb = W.take(R.chunks * rows * c), *gX5 = W.take(m * c),
+    *Xb = W.take(R.chunks * rows * xw), *gX5 = W.take(m * c),
     *G = W.take(R.chunks * rows * m), *gb = W.take(m),
     *gb_next = W.take(m), *gs = W.take(m),
     *part = W.take((R.chunks - 1) * m * std::max(dp, c));
@@ -530,7 +584,7 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
   // u_T = K b_T: gu_T, and gb += K^T gu_T (gb holds the aggregation's
   // part: chunk 0 adds to it)
   R.run([&](int64_t ch, int64_t r0, int64_t r1) {
-    T *gc = R.partial(gb, part, ch, m), *gX4 = Xb + ch * rows * c;
+    T *gc = R.partial(gb, part, ch, m), *gX4 = Xb + ch * rows * xw;
     if (ch > 0) std::fill(gc, gc + m, T(0));
     KR.blocks(ch, r0, r1, false, nullptr, 1,
               [&](int64_t i0, int64_t nb, const T *Kb) {
@@ -540,9 +594,9 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
         T *x4 = U + i * r + c;
         T gah = gx[d];
         for (int64_t k = 0; k < d; ++k) {
-          x4[k] = ah * v[i * d + k];
+          x4[k] = ah * v[i][k];
           gv[i * d + k] = ah * gx[k];
-          gah += v[i * d + k] * gx[k];
+          gah += v[i][k] * gx[k];
         }
         x4[d] = ah;
         const T gu = safe_div_grad(gah / a_top, a_T[i], u_T[i]);
@@ -592,9 +646,11 @@ void backward_slice(const Dims<T> &D, const T *qf, const T *rf, const T *v,
       mm<T>(false, true, nb, m, r, T(1), U + i0 * r, r, Vf, r, T(0), Gc, m);
       for (int64_t e = 0; e < nb * m; ++e)
         Gc[e] = Kb[e] > floor_ ? Gc[e] * Kb[e] : T(0);
-      if (gqf)
-        mm<T>(false, false, nb, dp, m, T(1), Gc, m, rf, dp, T(0),
-              gqf + i0 * dp, dp);
+      if (gq) {  // dL/dqf, then through the query features to dL/dq
+        T *gqf = Xb + ch * rows * xw;
+        mm<T>(false, false, nb, dp, m, T(1), Gc, m, rf, dp, T(0), gqf, dp);
+        query_grads(q, gqf, dp, d, D.eps, D.delta, i0, i0 + nb, gq);
+      }
       if (grf)
         mm<T>(true, false, m, dp, nb, T(1), Gc, m, qf + i0 * dp, dp, T(1),
               grc, dp);
@@ -684,9 +740,31 @@ Saved<T> saved_of(int64_t s, int64_t n, int64_t m, int64_t d, int64_t iters,
 // KernelRows); share_bytes: see slices_share_pool.
 template <typename T>
 Dims<T> dims(int64_t n, int64_t m, int64_t dp, int64_t d, int64_t iters,
-             int64_t stream_bytes, int64_t share_bytes) {
-  return {n, m, dp, d, iters,
-          n * m * static_cast<int64_t>(sizeof(T)) > stream_bytes, share_bytes};
+             int64_t stream_bytes, int64_t share_bytes, double eps = 1,
+             double delta = 0) {
+  return {n,
+          m,
+          dp,
+          d,
+          iters,
+          static_cast<T>(eps),
+          static_cast<T>(delta),
+          n * m * static_cast<int64_t>(sizeof(T)) > stream_bytes,
+          share_bytes};
+}
+
+// q and v: (B, h, n, d), rows of unit stride; slice s = b h + head.
+void check_rows(const torch::Tensor &t, const char *name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 4 && (t.stride(3) == 1 || t.size(3) <= 1), name,
+              " must be (B, h, n, d) with rows of unit stride");
+}
+
+template <typename T>
+RowsOf<T> rows_of(const torch::Tensor &t, int64_t s) {
+  const int64_t h = t.size(1);
+  return {t.data_ptr<T>() + (s / h) * t.stride(0) + (s % h) * t.stride(1),
+          t.stride(2)};
 }
 
 // Elements of a call's workspace for these shapes (S slices) and element
@@ -712,23 +790,28 @@ int64_t forward_workspace(int64_t S, int64_t n, int64_t m, int64_t dp,
                  S, n, m, dp, d, iters, stream_bytes, share_bytes, itemsize);
 }
 
-std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
-                                       torch::Tensor v, int64_t iters,
-                                       int64_t stream_bytes,
+std::vector<torch::Tensor> set_forward(torch::Tensor q, torch::Tensor tok,
+                                       torch::Tensor rf, torch::Tensor v,
+                                       double eps, double delta,
+                                       int64_t iters, int64_t stream_bytes,
                                        int64_t share_bytes,
                                        c10::optional<torch::Tensor> ws_in) {
-  check(qf, "qf", 3);
+  check_rows(q, "q");
+  check_rows(v, "v");
+  check(tok, "tok", 2);
   check(rf, "rf", 3);
-  check(v, "v", 3);
-  const int64_t S = qf.size(0), n = qf.size(1), dp = qf.size(2),
-                H = rf.size(0), m = rf.size(1), d = v.size(2);
-  TORCH_CHECK(rf.size(2) == dp && v.size(0) == S && v.size(1) == n &&
-                  S % H == 0 && iters >= 0,
+  const int64_t B = q.size(0), h = q.size(1), S = B * h, n = q.size(2),
+                d = q.size(3), H = rf.size(0), m = rf.size(1),
+                dp = rf.size(2);
+  TORCH_CHECK(H == h && v.size(0) == B && v.size(1) == h &&
+                  v.size(2) == n && v.size(3) == d && tok.size(0) == n &&
+                  tok.size(1) == dp - d && iters >= 0 && eps > 0,
               "set_forward: inconsistent shapes");
-  TORCH_CHECK(qf.scalar_type() == rf.scalar_type() &&
-                  qf.scalar_type() == v.scalar_type(),
+  TORCH_CHECK(q.scalar_type() == rf.scalar_type() &&
+                  q.scalar_type() == v.scalar_type() &&
+                  q.scalar_type() == tok.scalar_type(),
               "set_forward: one dtype for all inputs");
-  auto opt = qf.options();
+  auto opt = q.options();
   auto y = torch::empty({S, n, d}, opt);
   auto A = torch::empty({S, iters + 1, n}, opt);
   auto Uv = torch::empty({S, iters + 1, n}, opt);
@@ -739,18 +822,18 @@ std::vector<torch::Tensor> set_forward(torch::Tensor qf, torch::Tensor rf,
   auto w = torch::empty({S, n}, opt);
   auto tops = torch::empty({S, 2}, opt);
   const std::vector<torch::Tensor> saved{A, Uv, Bv, Sv, z, s4, w, tops};
-  AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "set_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "set_forward", [&] {
     using T = scalar_t;
-    const Dims<T> D =
-        dims<T>(n, m, dp, d, iters, stream_bytes, share_bytes);
-    const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(), *vp = v.data_ptr<T>();
+    const Dims<T> D = dims<T>(n, m, dp, d, iters, stream_bytes, share_bytes,
+                              eps, delta);
+    const T *r = rf.data_ptr<T>(), *tk = tok.data_ptr<T>();
     T *yp = y.data_ptr<T>();
     auto ws_elems = [&](int64_t ch) { return forward_ws(D, ch); };
-    const auto ws_t = workspace(ws_in, slices_ws(S, D, ws_elems), qf);
+    const auto ws_t = workspace(ws_in, slices_ws(S, D, ws_elems), q);
     for_slices<T>(S, D, ws_elems, ws_t, [&](int64_t s, T *ws) {
-      forward_slice(D, q + s * n * dp, r + (s % H) * m * dp, vp + s * n * d,
-                    yp + s * n * d, saved_of<T>(s, n, m, d, iters, saved),
-                    ws);
+      forward_slice(D, rows_of<T>(q, s), tk, r + (s % H) * m * dp,
+                    rows_of<T>(v, s), yp + s * n * d,
+                    saved_of<T>(s, n, m, d, iters, saved), ws);
     });
   });
   return {y, A, Uv, Bv, Sv, z, s4, w, tops};
@@ -782,61 +865,67 @@ bool advise_huge_pages(torch::Tensor buf) {
 #endif
 }
 
-// Returns gqf (S, n, dp) or empty, grf per slice (S, m, dp) or empty, gv.
+// Returns gq (S, n, d) or empty, grf per slice (S, m, dp) or empty, gv.
 std::vector<torch::Tensor> set_backward(
-    torch::Tensor qf, torch::Tensor rf, torch::Tensor v, torch::Tensor y,
-    torch::Tensor gy, torch::Tensor A, torch::Tensor Uv, torch::Tensor Bv,
-    torch::Tensor Sv, torch::Tensor z, torch::Tensor s4, torch::Tensor w,
-    torch::Tensor tops, bool need_qf, bool need_rf, int64_t stream_bytes,
-    int64_t share_bytes, c10::optional<torch::Tensor> ws_in) {
-  for (auto *t : {&qf, &rf, &v, &y, &gy})
-    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->device().is_cpu(),
-                "set_backward: inputs must be contiguous 3-D CPU tensors");
-  const int64_t S = qf.size(0), n = qf.size(1), dp = qf.size(2),
-                H = rf.size(0), m = rf.size(1), d = v.size(2),
-                iters = A.size(1) - 1;
-  auto opt = qf.options();
-  auto gqf = need_qf ? torch::empty({S, n, dp}, opt) : torch::Tensor();
+    torch::Tensor q, torch::Tensor tok, torch::Tensor rf, torch::Tensor v,
+    torch::Tensor y, torch::Tensor gy, torch::Tensor A, torch::Tensor Uv,
+    torch::Tensor Bv, torch::Tensor Sv, torch::Tensor z, torch::Tensor s4,
+    torch::Tensor w, torch::Tensor tops, bool need_q, bool need_rf,
+    double eps, double delta, int64_t stream_bytes, int64_t share_bytes,
+    c10::optional<torch::Tensor> ws_in) {
+  check_rows(q, "q");
+  check_rows(v, "v");
+  check(tok, "tok", 2);
+  check(rf, "rf", 3);
+  check(y, "y", 3);
+  check(gy, "gy", 3);
+  const int64_t h = q.size(1), S = q.size(0) * h, n = q.size(2),
+                d = q.size(3), H = rf.size(0), m = rf.size(1),
+                dp = rf.size(2), iters = A.size(1) - 1;
+  auto opt = q.options();
+  auto gq = need_q ? torch::empty({S, n, d}, opt) : torch::Tensor();
   auto grf = need_rf ? torch::empty({S, m, dp}, opt) : torch::Tensor();
   auto gv = torch::empty({S, n, d}, opt);
   const std::vector<torch::Tensor> saved{A, Uv, Bv, Sv, z, s4, w, tops};
   for (const auto &t : saved)
-    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == qf.scalar_type(),
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == q.scalar_type(),
                 "set_backward: saved tensors must be contiguous, one dtype");
-  AT_DISPATCH_FLOATING_TYPES(qf.scalar_type(), "set_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "set_backward", [&] {
     using T = scalar_t;
-    const Dims<T> D =
-        dims<T>(n, m, dp, d, iters, stream_bytes, share_bytes);
-    const T *q = qf.data_ptr<T>(), *r = rf.data_ptr<T>(),
-            *vp = v.data_ptr<T>(), *yp = y.data_ptr<T>(),
-            *gyp = gy.data_ptr<T>();
-    T *gq = need_qf ? gqf.data_ptr<T>() : nullptr,
+    const Dims<T> D = dims<T>(n, m, dp, d, iters, stream_bytes, share_bytes,
+                              eps, delta);
+    const T *r = rf.data_ptr<T>(), *tk = tok.data_ptr<T>(),
+            *yp = y.data_ptr<T>(), *gyp = gy.data_ptr<T>();
+    T *gqp = need_q ? gq.data_ptr<T>() : nullptr,
       *gr = need_rf ? grf.data_ptr<T>() : nullptr, *gvp = gv.data_ptr<T>();
     auto ws_elems = [&](int64_t ch) { return backward_ws(D, ch); };
-    const auto ws_t = workspace(ws_in, slices_ws(S, D, ws_elems), qf);
+    const auto ws_t = workspace(ws_in, slices_ws(S, D, ws_elems), q);
     for_slices<T>(S, D, ws_elems, ws_t, [&](int64_t s, T *ws) {
-      backward_slice(D, q + s * n * dp, r + (s % H) * m * dp,
-                     vp + s * n * d, yp + s * n * d, gyp + s * n * d,
+      backward_slice(D, rows_of<T>(q, s), tk, r + (s % H) * m * dp,
+                     rows_of<T>(v, s), yp + s * n * d, gyp + s * n * d,
                      saved_of<T>(s, n, m, d, iters, saved),
-                     gq ? gq + s * n * dp : nullptr,
+                     gqp ? gqp + s * n * d : nullptr,
                      gr ? gr + s * m * dp : nullptr, gvp + s * n * d, ws);
     });
   });
-  return {gqf, grf, gv};
+  return {gq, grf, gv};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("forward", &set_forward, "SeT forward (fused, CPU)",
-          py::arg("qf"), py::arg("rf"), py::arg("v"), py::arg("iters"),
+  mod.def("forward", &set_forward,
+          "SeT forward (fused, CPU) on queries q with the tokens' LPE "
+          "features tok", py::arg("q"), py::arg("tok"), py::arg("rf"),
+          py::arg("v"), py::arg("eps"), py::arg("delta"), py::arg("iters"),
           py::arg("stream_bytes"), py::arg("share_bytes"),
           py::arg("workspace") = py::none());
   mod.def("backward", &set_backward, "SeT backward (fused, CPU)",
-          py::arg("qf"), py::arg("rf"), py::arg("v"), py::arg("y"),
-          py::arg("gy"), py::arg("A"), py::arg("Uv"), py::arg("Bv"),
-          py::arg("Sv"), py::arg("z"), py::arg("s4"), py::arg("w"),
-          py::arg("tops"), py::arg("need_qf"), py::arg("need_rf"),
+          py::arg("q"), py::arg("tok"), py::arg("rf"), py::arg("v"),
+          py::arg("y"), py::arg("gy"), py::arg("A"), py::arg("Uv"),
+          py::arg("Bv"), py::arg("Sv"), py::arg("z"), py::arg("s4"),
+          py::arg("w"), py::arg("tops"), py::arg("need_q"),
+          py::arg("need_rf"), py::arg("eps"), py::arg("delta"),
           py::arg("stream_bytes"), py::arg("share_bytes"),
           py::arg("workspace") = py::none());
   mod.def("forward_workspace", &forward_workspace,
