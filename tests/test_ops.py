@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mmsetformer.ops import (grid_positions, kernel_workspace, set_attention,
-                             transport_plan)
+                             set_backend, transport_plan)
 
 # the module (the package attribute of the same name is the function)
 set_attention_module = importlib.import_module(
@@ -272,3 +272,36 @@ def test_peak_memory_linear_in_tokens():
                                   list(zip(sizes, peaks))[1:]):
         ratio = (p1 / p0) / (n1 / n0)
         assert 0.8 < ratio < 1.15, (sizes, peaks)
+
+
+@pytest.mark.parametrize('device', ['cpu'] + (
+    ['cuda'] if torch.cuda.is_available() else []))
+def test_reference_rebuilds_the_kernel_for_its_backward(device, monkeypatch):
+    """KEEP_KERNEL=0 (the default on GPUs): the reference saves no n x m
+    tensor for its backward and rebuilds K there, with the same gradients
+    as keeping it."""
+    g = torch.Generator().manual_seed(0)
+    B, h, n, m, d = 2, 2, 90, 35, 8
+    q, v = (torch.randn(B, h, n, d, generator=g).to(device) for _ in '01')
+    r = torch.randn(h, m, d, generator=g).to(device)
+    pos = (grid_positions(9, 10, device=device),
+           grid_positions(5, 7, device=device))
+    out = {}
+    for keep in ('1', '0'):
+        monkeypatch.setattr(set_attention_module, 'KEEP_KERNEL', keep)
+        leaves = [t.clone().requires_grad_() for t in (q, v, r)]
+        saved = []
+        with set_backend('reference'), \
+                torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = set_attention(*leaves, eps=0.2, num_iters=3, pos=pos,
+                              sigma=0.5)
+        y.square().sum().backward()
+        out[keep] = (y.detach(), *(t.grad for t in leaves))
+        assert (max(saved) >= B * h * n * m) == (keep == '1'), saved
+    for a, b in zip(out['1'], out['0']):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    if device == 'cpu':  # the same product on the same rows: the same K
+        assert all(torch.equal(a, b) for a, b in zip(out['1'], out['0']))
+    monkeypatch.setattr(set_attention_module, 'KEEP_KERNEL', 'auto')
+    assert set_attention_module._keeps_kernel(q) == (device == 'cpu')

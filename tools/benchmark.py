@@ -194,6 +194,12 @@ def bench_operator(args, device, report):
                     return set_op()
             fns['SeT (streamed)'] = set_streamed
         if cuda:
+            def set_kept():
+                # the reference keeping K for its backward instead of
+                # rebuilding it there (the default on GPUs: KEEP_KERNEL)
+                with set_backend('reference'), _keep_kernel('1'):
+                    return set_op()
+            fns['SeT (reference, K kept)'] = set_kept
             # the Triton kernels at each tl.dot input precision: the TF32
             # ones only become a default once their error (below) is known
             for prec in ('ieee', 'tf32x3', 'tf32')[:1 if n > 50176 else 3]:
@@ -285,6 +291,17 @@ def _env(name: str, value: str):
             del os.environ[name]
         else:
             os.environ[name] = old
+
+
+@contextlib.contextmanager
+def _keep_kernel(value: str):
+    import importlib
+    mod = importlib.import_module('mmsetformer.ops.set_attention')
+    old, mod.KEEP_KERNEL = mod.KEEP_KERNEL, value
+    try:
+        yield
+    finally:
+        mod.KEEP_KERNEL = old
 
 
 def _accuracy(fns, y64):

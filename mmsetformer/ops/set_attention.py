@@ -54,6 +54,13 @@ _MV_LOOP_MIN_SIZE = 1 << 18
 # cheap, blocks large enough to keep kernel launches few.
 _GRAD_BLOCK_ELEMS = 1 << 21
 _GRAD_BLOCK_ELEMS_GPU = 1 << 26
+# Whether the reference keeps K from its forward for the backward ('1'),
+# or rebuilds it there ('0': one more product and exp per layer, and no
+# B*h*n*m tensor alive between a layer's forward and its backward);
+# 'auto' rebuilds it on GPUs, where the reference is the default
+# implementation and memory, not the product, is what runs out (SeTformer-T
+# at 800 x 1344, batch 2: ~8 GB of kernels kept otherwise).
+KEEP_KERNEL = os.environ.get('MMSETFORMER_SET_KEEP_KERNEL', 'auto')
 
 Pos = Tuple[Tensor, Tensor]
 
@@ -289,6 +296,16 @@ def sinkhorn_scalings(K: Tensor, num_iters: int,
     return a, b
 
 
+def _keeps_kernel(qf: Tensor) -> bool:
+    """Whether the reference saves K for its backward (:data:`KEEP_KERNEL`
+    decides)."""
+    if KEEP_KERNEL not in ('auto', '0', '1'):
+        raise ValueError(f'MMSETFORMER_SET_KEEP_KERNEL must be auto, 0 or 1'
+                         f', got {KEEP_KERNEL!r}')
+    return KEEP_KERNEL == '1' or (KEEP_KERNEL == 'auto' and
+                                  qf.device.type == 'cpu')
+
+
 def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
                  need_qf: bool, need_rf: bool):
     """Gradients of ``qf`` and ``rf`` from ``dL/dK = U Vt`` (U: (.., n, r),
@@ -329,7 +346,8 @@ class _SeTFunction(torch.autograd.Function):
         # in place (autograd is off inside forward); a kernel not saved for
         # the backward may live in the shared workspace
         saving = any(ctx.needs_input_grad[:3])
-        K = _kernel(qf, rf, None if saving else _workspace(
+        keep = saving and _keeps_kernel(qf)
+        K = _kernel(qf, rf, None if keep else _workspace(
             qf.shape[:-1] + rf.shape[-2:-1], qf.dtype, qf.device))
         trace: List = []
         a, b = sinkhorn_scalings(K, num_iters, trace)
@@ -348,8 +366,10 @@ class _SeTFunction(torch.autograd.Function):
         y = Y5[..., :-1] / w  # w >= exp(-30) likewise
         if saving:
             flat = [t for step in trace for t in step if t is not None]
-            ctx.save_for_backward(qf, rf, v, K, a_top, b_top, X4, s4, z, X5,
-                                  w, y, *flat)
+            # (rebuilt, the kernel is the same: the same product of the
+            # same features)
+            ctx.save_for_backward(qf, rf, v, K if keep else None, a_top,
+                                  b_top, X4, s4, z, X5, w, y, *flat)
             ctx.num_iters = num_iters
         return y
 
@@ -357,6 +377,8 @@ class _SeTFunction(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         qf, rf, v, K, a_top, b_top, X4, s4, z, X5, w, y, *flat = \
             ctx.saved_tensors
+        if K is None:
+            K = _kernel(qf, rf)
         T = ctx.num_iters
         # factors of dL/dK = U V^T, gathered over every product with K
         left, right = [], []
