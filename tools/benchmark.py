@@ -551,9 +551,8 @@ def bench_model(args, device, report):
                     mod(x, samples, mode='predict')
             return call
 
-        times = Interleaved(device, 1 if args.quick else max(
-            2, args.repeats // 2) if device.type == 'cpu' else
-            _repeats(args, device)).run(
+        times = Interleaved(
+            device, 1 if args.quick else _repeats(args, device)).run(
                 {k: predict(mod) for k, mod in built.items()})
         for k, t in times.items():
             params = sum(p.numel() for p in built[k].parameters())
