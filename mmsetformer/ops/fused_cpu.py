@@ -80,11 +80,17 @@ STREAM_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_STREAM_BYTES',
 # instead of one slice per thread, where the kernels kept by one slice per
 # thread would add up to more than this: less in memory at once, so more
 # of it is still in the last-level cache when the next pass reads it
-# (csrc/set_cpu.cpp, slices_share_pool; Intel Xeon, 2 threads: 1.16x
-# faster forward at n = 50176, m = 750, 1.07x at 25088, in cache at 12544
-# one slice per thread is 3 % faster).
+# (csrc/set_cpu.cpp, slices_share_pool).  Measured, Intel Xeon, 2 threads,
+# m = 750, T = 3, shared against one slice per thread, 2026-12-03: 36-37
+# MiB kept by the two threads (n = 6272 x 2 heads, 6400 x 4): 0.83-0.87x
+# the forward's time and 0.92-0.96x forward + backward's; 72-96 MiB:
+# 0.79-0.81x and 0.88-0.91x; 146 MiB: 0.89x and 0.98x; 18-24 MiB (in
+# cache: n = 3136, 4200): 0.95-0.96x forward but 1.00-1.05x forward +
+# backward, so those stay one slice per thread.  (Another session's VM
+# had one slice per thread 3 % faster at 2 x 38 MB, shared 1.16x faster
+# at 2 x 150 MB: the crossover moves with the cache a VM gets.)
 SHARE_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_SHARE_BYTES',
-                                       2**27)))
+                                       2**25)))
 
 
 @contextlib.contextmanager

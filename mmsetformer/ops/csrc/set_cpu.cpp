@@ -674,9 +674,10 @@ void check(const torch::Tensor &t, const char *name, int64_t dim) {
 // it (measured, Intel Xeon, 2 threads, m = 750, T = 3, per 3136 tokens of
 // 2 slices: n = 25088, 2 x 75 MB, 6.63 ms against 7.09; n = 50176,
 // 2 x 150 MB, 7.31 against 8.49, forward + backward 23.5 against 24.9;
-// n = 12544, 2 x 38 MB, 19.9 against 19.4 forward + backward: there one
-// slice per thread is faster, in cache either way).  ws_elems(chunks) is a
-// slice's workspace; slices_ws the whole call's.
+// n = 12544, 2 x 38 MB, 19.9 against 19.4 forward + backward on that VM,
+// but 0.80x the forward's time and 0.91x forward + backward's on a later
+// one: fused_cpu.SHARE_BYTES has the figures behind its default).
+// ws_elems(chunks) is a slice's workspace; slices_ws the whole call's.
 template <typename T>
 bool slices_share_pool(int64_t S, const Dims<T> &D) {
   if (at::in_parallel_region()) return false;
