@@ -182,6 +182,8 @@ class SeTCPUFunction(torch.autograd.Function):
     with rows of unit stride (the layer's projection, split into heads):
     no copy of them is made."""
 
+    builds_query_features = True  # (set_attention passes q, not qf)
+
     @staticmethod
     def forward(ctx, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,
                 eps: float, num_iters: int):

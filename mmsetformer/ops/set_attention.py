@@ -473,11 +473,6 @@ def _observed(x: Tensor) -> bool:
         or x.device.type == 'meta'
 
 
-def _fused_cpu():
-    from . import fused_cpu
-    return fused_cpu
-
-
 def _implementation(qf: Tensor, rf_rows: int = 0):
     """The autograd function that computes SeT for queries or their
     features ``qf`` (B, h, n, .) against ``rf_rows`` references."""
@@ -576,8 +571,7 @@ def set_attention(q: Tensor,
         dtype = _compute_dtype(q)
         q, v = q.to(dtype), v.to(dtype)
         fn = _implementation(q, refs.shape[-2])
-        if fn is _fused_cpu().SeTCPUFunction:
-            # the CPU kernel builds the query features itself
+        if getattr(fn, 'builds_query_features', False):
             tok_f, rf = _ref_features(refs, pos, sigma, dtype, q.device)
             if tok_f is None:
                 tok_f = q.new_empty(q.shape[2], 0)

@@ -366,6 +366,18 @@ struct Dims {
   }
 };
 
+// The slice's query features (n x dp, the first buffer of its workspace),
+// built over the chunks of rows.
+template <typename T>
+T *slice_features(const Dims<T> &D, const Rows &R, RowsOf<T> q, const T *tok,
+                  Carve<T> &W) {
+  T *qf = W.take(D.n * D.dp);
+  R.run([&](int64_t, int64_t r0, int64_t r1) {
+    query_features(q, tok, D.d, D.dp - D.d, D.eps, D.delta, r0, r1, qf);
+  });
+  return qf;
+}
+
 // x *= a
 template <typename T>
 void scale(T a, T *x, int64_t len) {
@@ -416,10 +428,7 @@ void forward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
   const T inv_n = T(1) / n, inv_m = T(1) / m;
   const Rows R(n);
   Carve<T> W{ws};
-  T *qf = W.take(n * D.dp);
-  R.run([&](int64_t, int64_t r0, int64_t r1) {
-    query_features(q, tok, d, D.dp - d, D.eps, D.delta, r0, r1, qf);
-  });
+  T *qf = slice_features(D, R, q, tok, W);
   const KernelRows<T> KR = D.kernel(qf, rf, W, R.chunks);
   T *Xb = W.take(R.chunks * rows * c), *Z4 = W.take(m * c),
     *X5 = W.take(m * c), *part = W.take((R.chunks - 1) * m * c);
@@ -522,10 +531,7 @@ void backward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
                 iters = D.iters, r = D.rank(), rows = D.rows();
   const Rows R(n);
   Carve<T> W{ws};
-  T *qf = W.take(n * dp);
-  R.run([&](int64_t, int64_t r0, int64_t r1) {
-    query_features(q, tok, d, dp - d, D.eps, D.delta, r0, r1, qf);
-  });
+  T *qf = slice_features(D, R, q, tok, W);
   const KernelRows<T> KR = D.kernel(qf, rf, W, R.chunks);
   // Xb: a chunk's block of [values | 1] rows (c) or of dL/dqf rows (dp)
   const int64_t xw = std::max(c, dp);
