@@ -24,10 +24,10 @@ is read from the allocator's events through torch's profiler (kept out of
 the timed runs); on CUDA it is the allocator peak.
 """
 import argparse
-import contextlib
 import ctypes
 import ctypes.util
 import gc
+import importlib
 import json
 import os
 import os.path as osp
@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from typing import Callable, Dict
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -197,15 +198,18 @@ def bench_operator(args, device, report):
             def set_kept():
                 # the reference keeping K for its backward instead of
                 # rebuilding it there (the default on GPUs: KEEP_KERNEL)
-                with set_backend('reference'), _keep_kernel('1'):
+                with set_backend('reference'), mock.patch.object(
+                        importlib.import_module(
+                            'mmsetformer.ops.set_attention'),
+                        'KEEP_KERNEL', '1'):
                     return set_op()
             fns['SeT (reference, K kept)'] = set_kept
             # the Triton kernels at each tl.dot input precision: the TF32
             # ones only become a default once their error (below) is known
             for prec in ('ieee', 'tf32x3', 'tf32')[:1 if n > 50176 else 3]:
                 def set_triton(prec=prec):
-                    with set_backend('triton'), _env(
-                            'MMSETFORMER_SET_PRECISION', prec):
+                    with set_backend('triton'), mock.patch.dict(
+                            os.environ, MMSETFORMER_SET_PRECISION=prec):
                         return set_op()
                 fns['SeT (triton)' if prec == 'ieee' else
                     f'SeT (triton, {prec})'] = set_triton
@@ -278,30 +282,6 @@ def _batched_tokens(args, device, sides, kw, m, heads, d):
             print(f'  operator {B:2d} x n={n:6d} {mode:17s} SeT '
                   f'{t * 1e3:9.2f} ms', flush=True)
     return rows
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
-@contextlib.contextmanager
-def _keep_kernel(value: str):
-    import importlib
-    mod = importlib.import_module('mmsetformer.ops.set_attention')
-    old, mod.KEEP_KERNEL = mod.KEEP_KERNEL, value
-    try:
-        yield
-    finally:
-        mod.KEEP_KERNEL = old
 
 
 def _accuracy(fns, y64):
