@@ -122,32 +122,41 @@ def test_dist_train_two_cpu_processes(shapes, tmp_path):
     assert glob.glob(osp.join(work, '*', '*.log'))
 
 
-_FAULTS = """
-import resource, sys, torch
+_MALLINFO = """
+import ctypes, sys, torch
 sys.path.insert(0, 'tools')
 import benchmark
 how = benchmark.keep_freed_memory() if sys.argv[1] == 'keep' else 'system'
-faults = []
-for _ in range(2):  # a layer's activations (8-28 MiB), freed together
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    acts = [torch.ones(k << 20) for k in (4, 6, 2, 7, 5)]
-    del acts
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(how, '|', faults[1])
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(k, ctypes.c_size_t) for k in (
+        'arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks',
+        'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+act = torch.ones(6 << 20)  # a 24 MiB activation
+mapped = libc.mallinfo2().hblkhd  # bytes in blocks mapped on their own
+del act
+kept = libc.mallinfo2().fordblks  # freed bytes malloc holds for reuse
+print(how, '|', mapped >> 20, kept >> 20)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'),
                     reason='glibc malloc')
 def test_benchmark_keeps_freed_memory():
-    # the benchmark's allocator setting: the second pass over a layer's
-    # activations reuses the first one's memory instead of faulting its
-    # 24k pages in again, as glibc's defaults do
-    out = {mode: run([PY, '-c', _FAULTS, mode], cwd=ROOT).strip().splitlines(
-    )[-1].split(' | ') for mode in ('system', 'keep')}
+    # the benchmark's allocator setting: a freed 24 MiB activation stays
+    # in malloc's heap for the next one, instead of a mapping of its own
+    # handed back to the system (whose pages the next one faults in again)
+    out = {}
+    for mode in ('system', 'keep'):
+        how, mib = run([PY, '-c', _MALLINFO, mode],
+                       cwd=ROOT).strip().splitlines()[-1].split(' | ')
+        out[mode] = (how, *map(int, mib.split()))
     assert 'glibc malloc keeps freed blocks' in out['keep'][0]
-    assert int(out['system'][1]) > 10000, out
-    assert int(out['keep'][1]) < 200, out
+    _, mapped, kept = out['system']
+    assert mapped >= 24 and kept < 24, out
+    _, mapped, kept = out['keep']
+    assert mapped < 24 <= kept, out
 
 
 def test_benchmark_swin_from_timm_matches_mmdet():
