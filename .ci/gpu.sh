@@ -12,7 +12,7 @@
 # A lent GPU machine (Python 3.12, torch + CUDA, Triton, timm; no package
 # registry) gets 15 minutes of device time per session, and a source build
 # of mmcv's CUDA ops takes ~6 of them.  So: here, `bash .ci/gpu.sh wheels`
-# (the stack's wheels and mmcv's sdist, ~20 MB, into the git-ignored
+# (the stack's wheels and mmcv's sdist, ~15 MB, into the git-ignored
 # .whl/), then one device run, carrying .whl, of `bash .ci/gpu.sh session`:
 # the operator's CUDA tests and the backbone benchmark (Swin from timm)
 # run while mmcv builds in the background, then the model tests (AMP,
@@ -26,6 +26,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+# the CUDA tests; OPS: those that need no mmcv ops (mmdet models, NCCL)
+CUDA_TESTS=(tests/test_cuda.py
+            tests/test_ops.py::test_reference_rebuilds_the_kernel_for_its_backward)
+OPS='not model_amp and not nccl'
 export PYTHONUNBUFFERED=1
 
 case "${1:-all}" in
@@ -37,13 +41,10 @@ case "${1:-all}" in
     time MMSETFORMER_TORCH=existing PYTHON="$PY" bash tools/install.sh \
       2>&1 | tee "$OUT/install.log" ;;
   ops)
-    "$PY" -m pytest -q tests/test_cuda.py \
-      tests/test_ops.py::test_reference_rebuilds_the_kernel_for_its_backward \
-      -k 'not model_amp and not nccl' \
+    "$PY" -m pytest -q "${CUDA_TESTS[@]}" -k "$OPS" \
       2>&1 | tee "$OUT/tests_ops.log" ;;
   tests)
-    "$PY" -m pytest -q -rs tests/test_cuda.py \
-      tests/test_ops.py::test_reference_rebuilds_the_kernel_for_its_backward \
+    "$PY" -m pytest -q -rs "${CUDA_TESTS[@]}" \
       2>&1 | tee "$OUT/tests_cuda.log" ;;
   bench)
     "$PY" tools/benchmark.py --device cuda --out "$OUT" "${@:2}" \
@@ -116,9 +117,7 @@ case "${1:-all}" in
     # the source tree for the foreground (install.sh installs it, with the
     # SeT CPU kernel, at its end)
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    step tests_ops "$PY" -m pytest -q -rs tests/test_cuda.py \
-      tests/test_ops.py::test_reference_rebuilds_the_kernel_for_its_backward \
-      -k 'not model_amp and not nccl'
+    step tests_ops "$PY" -m pytest -q -rs "${CUDA_TESTS[@]}" -k "$OPS"
     bench early --only operator backbone --swin timm --models SeTformer-T
     wait "$BUILD"; rc=$?
     tail -n 40 "$LOGS/install.log" >> "$OUT/session.log"
@@ -130,8 +129,7 @@ case "${1:-all}" in
         split -b 15M -d "$whl" "$OUT/$(basename "$whl").part"
       fi
     fi
-    step tests_models "$PY" -m pytest -q -rs tests/test_cuda.py \
-      -k 'model_amp or nccl'
+    step tests_models "$PY" -m pytest -q -rs "${CUDA_TESTS[@]}" -k "not ($OPS)"
     bench models --only model
     at done ;;
   *) echo "usage: $0 install|ops|tests|bench|all|session|wheels" >&2; exit 2 ;;
