@@ -154,26 +154,52 @@ def test_extreme_inputs_match_reference(backend, scale, eps, zeros,
             (name, (a - b).abs().max().item(), tol)
 
 
+@pytest.mark.parametrize('backend', FUSED)
+def test_learned_reference_positions_get_the_reference_gradient(
+        backend, small_tiles):
+    """Reference positions that require a gradient (the models keep theirs
+    fixed) get the reference's, through the positional features' own
+    columns of the fused kernels' dL/drf."""
+    q, v, r = _inputs(2, 2, 35, 12, 8, torch.float64, seed=4)
+    reason = _available(backend, q)
+    if reason:
+        pytest.skip(reason)
+    tok, ref = _pos((5, 7), (3, 4), torch.float64)
+    ref.requires_grad_()
+    grads = []
+    for name in (backend, 'reference'):
+        with _backend(name):
+            y = set_attention(q, v, r, eps=0.3, num_iters=2, pos=(tok, ref),
+                              sigma=0.5)
+        grads.append(_grads(y, (ref, r))[1:])
+    for a, b in zip(*grads):
+        assert b.abs().max() > 1e-3
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), \
+            (a - b).abs().max().item()
+
+
 def test_partial_gradients_and_autocast_inputs():
     """Only some inputs need gradients; bf16 inputs under autocast."""
     q, v, r = _inputs(2, 2, 30, 6, 8, torch.float32, seed=3)
     kw = dict(eps=0.3, num_iters=2, pos=_pos((5, 6), (2, 3), torch.float32),
               sigma=0.5)
-    if not fused_cpu.available():
-        pytest.skip(fused_cpu.why_unavailable())
+    fused = [b for b in ('cpu', 'cpu-streamed', 'triton')
+             if not _available(b, q)]
+    if not fused:
+        pytest.skip('no fused SeT runs here')
     outs = {}
-    for backend in ('reference', 'cpu', 'cpu-streamed'):
+    for backend in ['reference'] + fused:
         with _backend(backend):
             y = set_attention(q.detach(), v, r.detach(), **kw)
             (gv, ) = torch.autograd.grad(y.sum(), (v, ))
             with torch.autocast('cpu', dtype=torch.bfloat16):
                 yb = set_attention(q.bfloat16(), v.bfloat16(), r, **kw)
         outs[backend] = (y.detach(), gv, yb.detach())
-    assert outs['cpu'][2].dtype == torch.bfloat16
-    for ours in (outs['cpu'], outs['cpu-streamed']):
-        for a, b in zip(ours, outs['reference']):
+    for backend in fused:
+        assert outs[backend][2].dtype == torch.bfloat16
+        for a, b in zip(outs[backend], outs['reference']):
             assert torch.allclose(a.float(), b.float(), atol=1e-5,
-                                  rtol=1e-5)
+                                  rtol=1e-5), backend
 
 
 def test_cpu_kernel_is_built_and_chosen(monkeypatch):
@@ -475,78 +501,41 @@ def test_triton_launch_falls_back_to_shallower_pipelines(monkeypatch):
         fused_triton._launch(Kernel(fits=0), (1, ), x, BN=64)
 
 
-AOT_COMPILE = '''
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from mmsetformer.ops import _triton_kernels
-INTS = ('n', 'm', 'dp', 'c', 'heads', 'chunk', 'r')
-limits, stages, launches = json.loads(sys.argv[1]), json.loads(sys.argv[2]), []
-for name, warps, meta in json.loads(sys.stdin.read()):
-    fn = getattr(_triton_kernels, name)
-    sig = {a: 'constexpr' if a in meta else 'i32' if a in INTS else '*fp32'
-           for a in fn.arg_names}
-    for cc, limit in limits.items():
-        for s in stages:  # as fused_triton._launch tries them
-            shared = triton.compile(ASTSource(fn, sig, meta), options=dict(
-                num_warps=warps, num_stages=s),
-                target=GPUTarget('cuda', int(cc), 32)).metadata.shared
-            if shared <= limit:
-                break
-        launches.append((name, meta, int(cc), s, shared))
-print(json.dumps(launches))
-'''
-# the most shared memory a block may use (CUDA's opt-in maximum): sm_86
-# (RTX 30; sm_89 the same) is the tightest, sm_90 (H100 / H200) compiles
-# differently (wgmma); sm_80 (A100) compiles as sm_86 with more room
-SHARED_LIMIT = {86: 99 * 1024, 90: 227 * 1024}
-
-
-def test_triton_kernels_fit_the_shared_memory_of_gpus(monkeypatch):
-    """Every kernel launch of a forward + backward at SeTformer-B's head
-    (d = 40, the widest shipped), compiled for sm_86 and sm_90 in the
-    default precision and the heaviest (3xTF32), fits the GPU's shared
-    memory within the pipelining depths ``_launch`` tries: a launch that
-    does not is an OutOfResources error found only on that GPU."""
+def _triton_report():
+    """tools/triton_report.py, the ahead-of-time compiler of the kernels
+    (skips without Triton's ptxas)."""
     pytest.importorskip('triton')
-    import json
-    import os
-    import subprocess
-    import sys
     try:
         from triton.backends.nvidia.compiler import get_ptxas
         get_ptxas(90).path
     except Exception as e:  # noqa: BLE001 (no ptxas: cannot compile)
         pytest.skip(f'no ptxas to compile for CUDA: {e}')
-    seen, launch = {}, fused_triton._launch
+    sys.path.insert(0, osp.join(osp.dirname(osp.dirname(__file__)), 'tools'))
+    try:
+        return importlib.import_module('triton_report')
+    finally:
+        sys.path.pop(0)
 
-    def record(kernel, grid, *args, warps=fused_triton.WARPS, **meta):
-        for prec in ('ieee', 'tf32x3'):
-            meta_p = dict(meta, PREC=prec)
-            seen[kernel.fn.__name__, warps, json.dumps(
-                meta_p, sort_keys=True)] = meta_p
-        launch(kernel, grid, *args, warps=warps, **meta)
 
-    monkeypatch.setattr(fused_triton, '_launch', record)
-    n, m, d = 70, 66, 40  # full 64-wide tiles, and partial ones
-    q, v, r = _inputs(1, 1, n, m, d, torch.float32, seed=5)
+@pytest.mark.parametrize('d,no_spill', [(32, (80, 86, 90)), (40, (86, 90))])
+def test_triton_kernels_fit_gpus(d, no_spill):
+    """Every kernel launch of a forward + backward, compiled for sm_80,
+    sm_86 and sm_90 in the default precision and the heaviest (3xTF32),
+    fits the GPU's shared memory within the pipelining depths ``_launch``
+    tries (else: an OutOfResources error found only on that GPU); and in
+    the default precision no thread spills registers to local memory at
+    SeTformer's head dims (d = 32, and 40 where named), which would cost
+    a memory round trip inside the tile loops."""
+    report = _triton_report()
+    q = torch.zeros(1, dtype=torch.float32)
     if _available('triton', q):  # a GPU host: test_cuda launches them
         pytest.skip(_available('triton', q))
-    with _backend('triton'):
-        y = set_attention(q, v, r, eps=0.3, num_iters=1,
-                          pos=_pos((7, 10), (6, 11), torch.float32),
-                          sigma=0.5)
-        torch.autograd.grad(y.sum(), (q, v, r))
-    assert {name for name, _, _ in seen} == {
+    launches = report.record_launches(d, precisions=('ieee', 'tf32x3'))
+    assert {name for name, _, _ in launches} == {
         '_row_max', '_row_pass', '_col_pass', '_grad_rows', '_grad_cols'}
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    proc = subprocess.run(
-        [sys.executable, '-c', AOT_COMPILE, json.dumps(SHARED_LIMIT),
-         json.dumps(fused_triton.STAGES)], input=json.dumps(
-            [[name, warps, meta] for (name, warps, _), meta in
-             seen.items()]),
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for name, meta, cc, stages, shared in json.loads(proc.stdout):
-        assert shared <= SHARED_LIMIT[cc], (name, meta, cc, stages, shared)
+    rows = report.compile_launches(launches, (80, 86, 90))
+    assert len(rows) == 3 * len(launches)
+    for r in rows:
+        assert r['shared'] <= report.SHARED_LIMIT[r['cc']], r
+        if r['meta']['PREC'] == 'ieee' and r['cc'] in no_spill:
+            assert r['local_ops'] == 0 and r['fma'] > 0, r

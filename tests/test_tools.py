@@ -206,4 +206,10 @@ def test_benchmark_quick_smoke(tmp_path):
     assert set(acc) == {'SeT', 'SeT (reference)'} | (
         {'SeT (streamed)'} if fused_cpu.available() else set())
     assert all(0 < e < 1e-4 for e in acc.values()), acc
+    # where each SeT implementation's time goes, shares of the whole
+    kern = report['operator']['kernels']['rows']
+    for impl in ('SeT', 'SeT (reference)'):
+        shares = [r['share'] for r in kern if r['impl'] == impl]
+        assert len(shares) > 1 and abs(sum(shares) - 1) < 1e-6, kern
+    assert "Where SeT's forward + backward spends its time" in md
     assert osp.getsize(osp.join(out, 'benchmark_scaling.png')) > 10000

@@ -177,13 +177,9 @@ def bench_operator(args, device, report):
             return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
                                  sigma=sigma)
 
-        def set_ref():
-            with set_backend('reference'):
-                return set_op()
-
         fns = {
             'SeT': set_op,
-            'SeT (reference)': set_ref,
+            'SeT (reference)': _with_backend('reference', set_op),
             'softmax (SDPA)': lambda: F.scaled_dot_product_attention(q, k, v),
             'window 7x7': lambda: window_attention(q, k, v, hw),
         }
@@ -258,6 +254,56 @@ def bench_operator(args, device, report):
         report['operator']['batched'] = _batched_tokens(
             args, device, sides[:3], dict(eps=eps, num_iters=T, sigma=sigma),
             m, heads, d)
+    # where the time of SeT's forward + backward goes, at the largest n up
+    # to 50176 (the next GPU session reads its kernels' shares here)
+    side = max(s for s in sides if s * s <= 50176)
+    q, _, v, refs = _operator_inputs(1, heads, side * side, m, d, device)
+    pos = (grid_positions(side, side, device=device), ref_pos)
+
+    def set_op():
+        return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
+                             sigma=sigma)
+
+    impls = {'SeT': set_op,
+             'SeT (reference)': _with_backend('reference', set_op)}
+    if cuda:
+        impls['SeT (triton)'] = _with_backend('triton', set_op)
+    report['operator']['kernels'] = dict(
+        n=side * side, what='CUDA kernel' if cuda else 'operator', rows=[
+            dict(impl=k, **r) for k, fn in impls.items()
+            for r in kernel_times(_operator_call(fn, (q, v, refs), True),
+                                  device)])
+
+
+def _with_backend(name: str, fn: Callable) -> Callable:
+    def call():
+        with set_backend(name):
+            return fn()
+    return call
+
+
+def kernel_times(call: Callable, device, top: int = 10) -> list:
+    """The kernels (CUDA) or operators (CPU) one ``call`` runs, by their
+    own time, from torch's profiler after a warm-up call: the ``top`` ones
+    and the rest as one row, each with its calls, ms and share."""
+    from torch.profiler import ProfilerActivity, profile
+    call()
+    _sync(device)
+    cuda = device.type == 'cuda'
+    with profile(activities=[ProfilerActivity.CUDA if cuda
+                             else ProfilerActivity.CPU]) as p:
+        call()
+        _sync(device)
+    rows = [dict(kernel=e.key, calls=e.count, ms=(
+        e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3)
+        for e in p.key_averages()]
+    rows = sorted((r for r in rows if r['ms'] > 0), key=lambda r: -r['ms'])
+    total = sum(r['ms'] for r in rows)
+    if len(rows) > top + 1:
+        rest = rows[top:]
+        rows = rows[:top] + [dict(kernel=f'({len(rest)} others)', calls=sum(
+            r['calls'] for r in rest), ms=sum(r['ms'] for r in rest))]
+    return [dict(r, share=r['ms'] / total) for r in rows]
 
 
 def _batched_tokens(args, device, sides, kw, m, heads, d):
@@ -446,14 +492,16 @@ def bench_backbone(args, device, report):
                 ('inference', infer), ('train step', train))
                 for amp in precisions]:
             # one training step at detection size on the CPU takes ~30 s
-            # for the three models
-            reps = 1 if args.quick or (h > 512 and device.type == 'cpu' and
-                                       make is train) \
-                else _repeats(args, device)
+            # for the three models: one timed step each, after two warm-up
+            # steps (Swin-T's second step there took 4.2-8.2 s, later ones
+            # steadier)
+            slow = h > 512 and device.type == 'cpu' and make is train
+            reps = 1 if args.quick or slow else _repeats(args, device)
             if amp is not None:
                 mode += ', AMP fp16'
             cands = {k: make(mod, amp) for k, mod in models.items()}
-            times = Interleaved(device, reps).run(cands)
+            times = Interleaved(device, reps, warmup=2 if slow else 1).run(
+                cands)
             for k, fn in cands.items():
                 mem = peak_memory(fn, device, (x, ) + tuple(
                     models[k].parameters()))
@@ -697,6 +745,16 @@ def to_markdown(report) -> str:
                 out.append(f'| {r["n"]} | {r["batch"]} | {r["mode"]} | '
                            f'{r["time"] * 1e3:,.2f} | '
                            f'{r["time"] / last[r["mode"]]["time"]:.2f} |')
+        kern = op.get('kernels')
+        if kern:
+            out += ['', 'Where SeT\'s forward + backward spends its time '
+                    f'at n = {kern["n"]} (torch.profiler: the own time of '
+                    f'each {kern["what"]}):', '',
+                    '| implementation | kernel | calls | ms | share |',
+                    '| --- | --- | --- | --- | --- |']
+            out += [f'| {r["impl"]} | `{r["kernel"][:60]}` | {r["calls"]} | '
+                    f'{r["ms"]:,.2f} | {r["share"]:.0%} |'
+                    for r in kern['rows']]
         out.append('')
     if 'backbone' in report:
         swin = {'mmdet': "mmdet's SwinTransformer",

@@ -3,7 +3,12 @@ the helpers a kernel calls among this module's globals).
 
 Each program owns a block of rows (tokens) or columns (references) and
 sweeps the other side, as flash attention does: its own block's features,
-row maxima and gradient factors are loaded once, before the sweep."""
+row maxima and gradient factors are loaded once, before the sweep.
+
+A tile's logits are ``x_i . y_j`` (one ``tl.dot`` over the head dim d) plus
+``KP`` rank-1 terms ``tp_il rp_jl`` of the positional encoding, added
+element-wise: folded into the dot they would pad d + KP (32 + 4 for
+SeTformer) to the next power of two, doubling the dot and its registers."""
 import triton
 import triton.language as tl
 
@@ -23,10 +28,22 @@ def _load(P, s, idx, size, width, BW: tl.constexpr):
 
 
 @triton.jit
-def _kernel(x, y, mx, rows, cols, n, m, PREC: tl.constexpr):
-    """K on a tile from its features x (rows), y (cols) and row maxima mx,
-    the mask of real entries, and of those above the floor."""
+def _logits(x, y, TP, RP, hs, rows, cols, n, m, KP: tl.constexpr,
+            PREC: tl.constexpr):
+    """log K + M on a tile: x (rows) . y (cols) + TP[rows] . RP[hs, cols]
+    (TP: (n, KP) token, RP: (H, m, KP) reference position features)."""
     logits = tl.dot(x, tl.trans(y), input_precision=PREC)
+    for f in tl.static_range(KP):
+        tp = tl.load(TP + rows * KP + f, mask=rows < n, other=0.)
+        rp = tl.load(RP + (hs * m + cols) * KP + f, mask=cols < m, other=0.)
+        logits += tp[:, None] * rp[None, :]
+    return logits
+
+
+@triton.jit
+def _kernel(logits, mx, rows, cols, n, m):
+    """K on a tile from its logits and row maxima mx, the mask of real
+    entries, and of those above the floor."""
     valid = (rows[:, None] < n) & (cols[None, :] < m)
     shifted = tl.maximum(logits - mx[:, None], -FLOOR)
     return tl.where(valid, tl.exp(shifted), 0.), \
@@ -34,16 +51,17 @@ def _kernel(x, y, mx, rows, cols, n, m, PREC: tl.constexpr):
 
 
 @triton.jit
-def _row_max(X, Y, Mx, n, m, dp, heads, BN: tl.constexpr,
-             BM: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _row_max(X, Y, TP, RP, Mx, n, m, d, heads, KP: tl.constexpr,
+             BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+             PREC: tl.constexpr):
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    x = _load(X, s, rows, n, dp, BD)
+    x = _load(X, s, rows, n, d, BD)
     best = tl.full([BN], float('-inf'), Mx.dtype.element_ty)
     for j0 in range(0, m, BM):
         cols = j0 + tl.arange(0, BM)
-        y = _load(Y, s % heads, cols, m, dp, BD)
-        logits = tl.dot(x, tl.trans(y), input_precision=PREC)
+        logits = _logits(x, _load(Y, s % heads, cols, m, d, BD), TP, RP,
+                         s % heads, rows, cols, n, m, KP, PREC)
         valid = (rows[:, None] < n) & (cols[None, :] < m)
         logits = tl.where(valid, logits, float('-inf'))
         best = tl.maximum(best, tl.max(logits, axis=1))
@@ -51,21 +69,22 @@ def _row_max(X, Y, Mx, n, m, dp, heads, BN: tl.constexpr,
 
 
 @triton.jit
-def _row_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
-              BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-              BC: tl.constexpr, HAS_MAT: tl.constexpr,
+def _row_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
+              KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+              BD: tl.constexpr, BC: tl.constexpr, HAS_MAT: tl.constexpr,
               PREC: tl.constexpr):
     """OutVec = K Vec, OutMat = K Mat (Vec: (S, m), Mat: (S, m, c))."""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    x = _load(X, s, rows, n, dp, BD)
+    x = _load(X, s, rows, n, d, BD)
     mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
     acc_v = tl.zeros([BN], OutVec.dtype.element_ty)
     acc_m = tl.zeros([BN, BC], OutVec.dtype.element_ty)
     for j0 in range(0, m, BM):
         cols = j0 + tl.arange(0, BM)
-        K, _ = _kernel(x, _load(Y, s % heads, cols, m, dp, BD), mx, rows,
-                       cols, n, m, PREC)
+        K, _ = _kernel(_logits(x, _load(Y, s % heads, cols, m, d, BD), TP,
+                               RP, s % heads, rows, cols, n, m, KP, PREC),
+                       mx, rows, cols, n, m)
         vec = tl.load(Vec + s * m + cols, mask=cols < m, other=0.)
         acc_v += tl.sum(K * vec[None, :], axis=1)
         if HAS_MAT:
@@ -79,9 +98,9 @@ def _row_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads,
 
 
 @triton.jit
-def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads, chunk,
-              BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-              BC: tl.constexpr, HAS_MAT: tl.constexpr,
+def _col_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
+              chunk, KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+              BD: tl.constexpr, BC: tl.constexpr, HAS_MAT: tl.constexpr,
               PREC: tl.constexpr):
     """Partial OutVec = K^T Vec, OutMat = K^T Mat (Vec: (S, n), Mat: (S, n,
     c)) over row chunk z (program axis 2) into OutVec (Z, S, m), OutMat (Z,
@@ -91,14 +110,15 @@ def _col_pass(X, Y, Mx, Vec, Mat, OutVec, OutMat, n, m, dp, c, heads, chunk,
     z = tl.program_id(2).to(tl.int64)
     out = z * tl.num_programs(1) + s  # (z, s) row of the partial outputs
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
-    y = _load(Y, s % heads, cols, m, dp, BD)
+    y = _load(Y, s % heads, cols, m, d, BD)
     acc_v = tl.zeros([BM], OutVec.dtype.element_ty)
     acc_m = tl.zeros([BM, BC], OutVec.dtype.element_ty)
     for i0 in range(z * chunk, tl.minimum(z * chunk + chunk, n), BN):
         rows = i0 + tl.arange(0, BN)
         mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
-        K, _ = _kernel(_load(X, s, rows, n, dp, BD), y, mx, rows, cols, n,
-                       m, PREC)
+        K, _ = _kernel(_logits(_load(X, s, rows, n, d, BD), y, TP, RP,
+                               s % heads, rows, cols, n, m, KP, PREC),
+                       mx, rows, cols, n, m)
         vec = tl.load(Vec + s * n + rows, mask=rows < n, other=0.)
         acc_v += tl.sum(K * vec[:, None], axis=0)
         if HAS_MAT:
@@ -116,7 +136,7 @@ def _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR: tl.constexpr,
                PREC: tl.constexpr):
     """dL/dlogK on a tile: K * (U V^T) where K is not clamped.  U V^T runs
     over r (2d + 3 + 2T) in chunks of BR: whole rows of U and V would take
-    more shared memory than a GPU has once d reaches 32-64."""
+    more registers than a GPU has once d reaches 32-64."""
     gk = tl.zeros(K.shape, K.dtype)
     for r0 in range(0, r, BR):
         rr = r0 + tl.arange(0, BR)
@@ -129,45 +149,59 @@ def _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR: tl.constexpr,
 
 
 @triton.jit
-def _grad_rows(X, Y, Mx, U, V, GX, n, m, dp, r, heads, BN: tl.constexpr,
-               BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-               PREC: tl.constexpr):
-    """GX_i = sum_j G_ij Y_j (dL/dqf)."""
+def _grad_rows(X, Y, TP, RP, Mx, U, V, GX, n, m, d, r, heads,
+               KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+               BD: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
+    """GX_i = sum_j G_ij Y_j (dL/dx; the token positions are constants)."""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    x = _load(X, s, rows, n, dp, BD)
+    x = _load(X, s, rows, n, d, BD)
     mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
     acc = tl.zeros([BN, BD], GX.dtype.element_ty)
     for j0 in range(0, m, BM):
         cols = j0 + tl.arange(0, BM)
-        y = _load(Y, s % heads, cols, m, dp, BD)
-        K, live = _kernel(x, y, mx, rows, cols, n, m, PREC)
+        y = _load(Y, s % heads, cols, m, d, BD)
+        K, live = _kernel(_logits(x, y, TP, RP, s % heads, rows, cols, n, m,
+                                  KP, PREC), mx, rows, cols, n, m)
         g = _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR, PREC)
         acc += tl.dot(g, y, input_precision=PREC)
     dd = tl.arange(0, BD)
-    tl.store(GX + (s * n + rows[:, None]) * dp + dd[None, :], acc,
-             mask=(rows[:, None] < n) & (dd[None, :] < dp))
+    tl.store(GX + (s * n + rows[:, None]) * d + dd[None, :], acc,
+             mask=(rows[:, None] < n) & (dd[None, :] < d))
 
 
 @triton.jit
-def _grad_cols(X, Y, Mx, U, V, GY, n, m, dp, r, heads, chunk,
-               BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-               BR: tl.constexpr, PREC: tl.constexpr):
-    """Partial GY_j = sum_i G_ij X_i (dL/drf, per slice) over row chunk z
-    into GY (Z, S, m, dp), as in ``_col_pass``."""
+def _grad_cols(X, Y, TP, RP, Mx, U, V, GY, GP, n, m, d, r, heads, chunk,
+               KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+               BD: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+               POS_GRAD: tl.constexpr, PREC: tl.constexpr):
+    """Partial GY_j = sum_i G_ij X_i (dL/dy, per slice) over row chunk z
+    into GY (Z, S, m, d), as in ``_col_pass``; with POS_GRAD also
+    GP_j = sum_i G_ij TP_i (dL/dRP) into GP (Z, S, m, KP)."""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     z = tl.program_id(2).to(tl.int64)
     out = z * tl.num_programs(1) + s
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
-    y = _load(Y, s % heads, cols, m, dp, BD)
+    y = _load(Y, s % heads, cols, m, d, BD)
     acc = tl.zeros([BM, BD], GY.dtype.element_ty)
+    acc_p = tl.zeros([BM, BP], GY.dtype.element_ty)
     for i0 in range(z * chunk, tl.minimum(z * chunk + chunk, n), BN):
         rows = i0 + tl.arange(0, BN)
-        x = _load(X, s, rows, n, dp, BD)
+        x = _load(X, s, rows, n, d, BD)
         mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
-        K, live = _kernel(x, y, mx, rows, cols, n, m, PREC)
+        K, live = _kernel(_logits(x, y, TP, RP, s % heads, rows, cols, n, m,
+                                  KP, PREC), mx, rows, cols, n, m)
         g = _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR, PREC)
         acc += tl.dot(tl.trans(g), x, input_precision=PREC)
+        if POS_GRAD:  # KP column sums: a dot would pad KP to 16
+            for f in tl.static_range(KP):
+                tp = tl.load(TP + rows * KP + f, mask=rows < n, other=0.)
+                acc_p += tl.where(tl.arange(0, BP)[None, :] == f, tl.sum(
+                    g * tp[:, None], axis=0)[:, None], 0.)
     dd = tl.arange(0, BD)
-    tl.store(GY + (out * m + cols[:, None]) * dp + dd[None, :], acc,
-             mask=(cols[:, None] < m) & (dd[None, :] < dp))
+    tl.store(GY + (out * m + cols[:, None]) * d + dd[None, :], acc,
+             mask=(cols[:, None] < m) & (dd[None, :] < d))
+    if POS_GRAD:
+        pp = tl.arange(0, BP)
+        tl.store(GP + (out * m + cols[:, None]) * KP + pp[None, :], acc_p,
+                 mask=(cols[:, None] < m) & (pp[None, :] < KP))

@@ -1,22 +1,25 @@
 """Fused SeT for CUDA: Triton kernels that never store the n x m kernel.
 
-With the features of ``_features``, ``log K_ij = qf_i . rf_j - M_i`` floored
-at ``-LOG_KERNEL_FLOOR``, where ``M_i`` is the row max.  Every pass of SeT
-is a product of ``K`` (or ``K^T``) with vectors or thin matrices, so each
-Triton program rebuilds its tile of ``K`` from a tile of ``qf`` and one of
-``rf`` (one ``tl.dot`` and one ``exp``), uses it, and drops it, as flash
-attention does with its logits:
+With the features of ``_features``, ``log K_ij = x_i . y_j + tp_i . rp_j -
+M_i`` floored at ``-LOG_KERNEL_FLOOR``: x the unit queries over eps, y the
+unit references, tp / rp the positional encoding's (k + 2)-dim features and
+``M_i`` the row max.  Every pass of SeT is a product of ``K`` (or ``K^T``)
+with vectors or thin matrices, so each Triton program rebuilds its tile of
+``K`` from tiles of the features (one ``tl.dot`` over d, k + 2 rank-1
+terms and one ``exp``), uses it, and drops it, as flash attention does
+with its logits:
 
-- ``_row_max``: ``M_i = max_j qf_i . rf_j`` (the first pass; the floor needs
-  the final max, so it is not folded into later passes as an online max);
+- ``_row_max``: ``M_i = max_j`` of the logits (the first pass; the floor
+  needs the final max, so it is not folded into later passes as an online
+  max);
 - ``_row_pass``: ``K @ vec`` and optionally ``K @ mat`` (row scalings
   ``u = K b``, the redistribution ``K [b^ z]``, and their gradients);
 - ``_col_pass``: ``K^T @ vec`` and optionally ``K^T @ mat`` (column sums
   ``s = K^T a``, the aggregation ``K^T [a^ v]``, and their gradients);
-- ``_grad_rows`` / ``_grad_cols``: ``dL/dqf = G rf`` and ``dL/drf = G^T qf``
-  with ``G = K * (U V^T)`` on the unclamped entries, where ``U V^T`` is
-  ``dL/dK`` gathered as in the reference backward (one rank-(d+1) term per
-  aggregation, one rank-1 term per Sinkhorn product).
+- ``_grad_rows`` / ``_grad_cols``: ``dL/dx = G y`` and ``dL/d[y | rp] = G^T
+  [x | tp]`` with ``G = K * (U V^T)`` on the unclamped entries, where ``U
+  V^T`` is ``dL/dK`` gathered as in the reference backward (one rank-(d+1)
+  term per aggregation, one rank-1 term per Sinkhorn product).
 
 The orchestration between passes (O(n + m) vectors per slice) is the
 reference's math, step for step, in torch: the result is the same function
@@ -37,14 +40,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .set_attention import _grads_from_slices, _safe_div, _safe_div_grad
+from .set_attention import _grads_from_slices, _safe_div, _safe_div_grad, _unit
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
 BLOCK_N = int(os.environ.get('MMSETFORMER_TRITON_BLOCK_N', 64))
 BLOCK_M = int(os.environ.get('MMSETFORMER_TRITON_BLOCK_M', 64))
-# the backward's dL/dK = U V^T is formed over r = 2d + 3 + 2T in chunks
-R_CHUNK = 32
 
 
 def _interpreting() -> bool:
@@ -102,11 +103,14 @@ def _programs(x: Tensor) -> int:
 # KB on sm_90) runs a shallower pipeline instead of failing to launch.
 STAGES = (3, 2, 1)
 _STAGES_THAT_FIT = {}  # (kernel, warps, constexprs, device) -> depth
-# Warps per program: 4 (Triton's default) for the vector passes; 8 for the
-# passes that also carry a matrix and for the gradient kernels, whose live
-# tiles at 4 warps overflow the 255 registers of a thread (ptxas, sm_90, 64
-# x 64 tiles: 440-690 bytes of spills per thread at 4 warps, 0-210 at 8).
-WARPS, WARPS_WIDE = 4, 8
+# Warps per program, and row tiles: 32 rows for the kernels that carry a
+# matrix (the aggregations, the gradients) and wherever the head dim pads
+# past 32, else 64.  With fewer warps or taller tiles, live tiles overflow
+# the 255 registers of a thread on some GPU and spill to local memory
+# (``tools/triton_report.py`` shows it on any machine: e.g. sm_80 at 64
+# rows, d = 32); ``test_triton_kernels_fit_gpus`` keeps d = 32 spill-free
+# on sm_80, sm_86 and sm_90.
+WARPS, WIDE_ROWS = 8, 32
 
 
 def _launch(kernel, grid, *args, warps: int = WARPS, **meta) -> None:
@@ -130,31 +134,39 @@ def _launch(kernel, grid, *args, warps: int = WARPS, **meta) -> None:
         'MMSETFORMER_SET_BACKEND=reference') from err
 
 
-def _p2(x: int) -> int:
-    """Power of two >= max(x, 16) (tl.dot's smallest dimension)."""
-    return max(16, 1 << (max(1, x) - 1).bit_length())
+def _p2(x: int, least: int = 16) -> int:
+    """Power of two >= max(x, least) (16: tl.dot's smallest dimension)."""
+    return max(least, 1 << (max(1, x) - 1).bit_length())
 
 
 class _Passes:
-    """The kernels bound to one slice batch: qf (S, n, dp), rf (H, m, dp),
-    and the row maxima ``Mx`` (S, n) of their logits (computed if None)."""
+    """The kernels bound to one slice batch: queries' features x (S, n, d),
+    the references' y (H, m, d), the position features tp (n, KP) and rp
+    (H, m, KP) (KP = 0 without LPE), so that log K + M = x y^T + tp rp^T,
+    and the row maxima ``Mx`` (S, n) of those logits (computed if None)."""
 
-    def __init__(self, qf: Tensor, rf: Tensor, Mx: Optional[Tensor] = None):
+    def __init__(self, x: Tensor, y: Tensor, tp: Tensor, rp: Tensor,
+                 Mx: Optional[Tensor] = None):
         triton, self.k = _triton()
-        self.qf, self.rf = qf, rf
-        (self.S, self.n, self.dp), (self.H, self.m) = qf.shape, rf.shape[:2]
-        self.prec = _precision(qf.dtype)
+        self.feats = (x, y, tp, rp)
+        (self.S, self.n, self.d), (self.H, self.m) = x.shape, y.shape[:2]
+        self.kp = tp.shape[1]
+        self.prec = _precision(x.dtype)
         # float64 tiles take twice the shared memory: half the rows
-        cap = 32 if qf.dtype == torch.float64 else 1 << 30
-        self.BN = min(BLOCK_N, cap, _p2(self.n))
+        cap = 32 if x.dtype == torch.float64 else 1 << 30
+        BD = _p2(self.d)
+        self.BN = min(BLOCK_N, cap, _p2(self.n), 2 * WIDE_ROWS if BD <= 32
+                      else WIDE_ROWS)
         self.BM = min(BLOCK_M, cap, _p2(self.m))
-        self.BD = _p2(self.dp)
-        self.rows_grid = (triton.cdiv(self.n, self.BN), self.S)
+        self.meta = dict(KP=self.kp, BN=self.BN, BM=self.BM, BD=BD,
+                         PREC=self.prec)
+        self.wide = dict(self.meta, BN=min(self.BN, WIDE_ROWS))
         # column passes: m / BM blocks per slice are too few programs for a
-        # GPU, so the rows are split into Z chunks summed afterwards
+        # GPU, so the rows are split into Z chunks (of whole row tiles of
+        # either height) summed afterwards
         col_blocks = triton.cdiv(self.m, self.BM)
         row_blocks = triton.cdiv(self.n, self.BN)
-        z = min(row_blocks, max(1, triton.cdiv(_programs(qf),
+        z = min(row_blocks, max(1, triton.cdiv(_programs(x),
                                                col_blocks * self.S)))
         self.chunk = triton.cdiv(row_blocks, z) * self.BN
         self.Z = triton.cdiv(self.n, self.chunk)
@@ -162,84 +174,99 @@ class _Passes:
         self.Mx = Mx
         if Mx is not None:
             return
-        self.Mx = qf.new_empty(self.S, self.n)
-        _launch(self.k['row_max'], self.rows_grid, qf, rf, self.Mx, self.n,
-                self.m, self.dp, self.H, BN=self.BN, BM=self.BM, BD=self.BD,
-                PREC=self.prec)
+        self.Mx = x.new_empty(self.S, self.n)
+        _launch(self.k['row_max'], self._rows_grid(self.meta), *self.feats,
+                self.Mx, self.n, self.m, self.d, self.H, **self.meta)
 
-    def _pass(self, kernel, grid, size, vec, mat, parts=1, *extra):
+    def _rows_grid(self, meta: dict) -> tuple:
+        return (-(-self.n // meta['BN']), self.S)
+
+    def _pass(self, kernel, rows: bool, size, vec, mat, *extra):
+        meta = self.meta if mat is None else self.wide
+        grid = self._rows_grid(meta) if rows else self.cols_grid
+        parts = 1 if rows else self.Z
         out_v = vec.new_empty(parts, self.S, size)
         out_m = None if mat is None else vec.new_empty(
             parts, self.S, size, mat.shape[-1])
         c = 1 if mat is None else mat.shape[-1]
-        _launch(kernel, grid, self.qf, self.rf, self.Mx, vec.contiguous(),
+        _launch(kernel, grid, *self.feats, self.Mx, vec.contiguous(),
                 out_v if mat is None else mat.contiguous(), out_v,
-                out_v if mat is None else out_m, self.n, self.m, self.dp, c,
-                self.H, *extra, warps=WARPS if mat is None else WARPS_WIDE,
-                BN=self.BN, BM=self.BM, BD=self.BD, BC=_p2(c),
-                HAS_MAT=mat is not None, PREC=self.prec)
+                out_v if mat is None else out_m, self.n, self.m, self.d, c,
+                self.H, *extra, BC=_p2(c), HAS_MAT=mat is not None, **meta)
         out_v = out_v.sum(0)
         return out_v if mat is None else (out_v, out_m.sum(0))
 
     def rows(self, vec: Tensor, mat: Optional[Tensor] = None):
         """K vec (S, n) [and K mat (S, n, c)] for vec (S, m), mat (S, m, c)."""
-        return self._pass(self.k['row_pass'], self.rows_grid, self.n, vec,
-                          mat)
+        return self._pass(self.k['row_pass'], True, self.n, vec, mat)
 
     def cols(self, vec: Tensor, mat: Optional[Tensor] = None):
         """K^T vec (S, m) [and K^T mat (S, m, c)] for vec (S, n), mat."""
-        return self._pass(self.k['col_pass'], self.cols_grid, self.m, vec,
-                          mat, self.Z, self.chunk)
+        return self._pass(self.k['col_pass'], False, self.m, vec, mat,
+                          self.chunk)
 
-    def logit_grads(self, U: Tensor, V: Tensor, need_q: bool,
-                    need_r: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """dL/dqf (S, n, dp) and per-slice dL/drf (S, m, dp) for dL/dK = U
-        V^T (U: (S, n, r), V: (S, m, r))."""
+    def logit_grads(self, U: Tensor, V: Tensor, need_x: bool,
+                    need_y: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """dL/dx (S, n, d) and per slice [dL/dy | dL/drp] (S, m, d + KP) for
+        dL/dK = U V^T (U: (S, n, r), V: (S, m, r))."""
         r = U.shape[-1]
         U, V = U.contiguous(), V.contiguous()
-        args = dict(warps=WARPS_WIDE, BN=self.BN, BM=self.BM, BD=self.BD,
-                    BR=min(_p2(r), R_CHUNK), PREC=self.prec)
-        gq = gr = None
-        if need_q:
-            gq = self.qf.new_empty(self.S, self.n, self.dp)
-            _launch(self.k['grad_rows'], self.rows_grid, self.qf, self.rf,
-                    self.Mx, U, V, gq, self.n, self.m, self.dp, r, self.H,
-                    **args)
-        if need_r:
-            gr = self.qf.new_empty(self.Z, self.S, self.m, self.dp)
-            _launch(self.k['grad_cols'], self.cols_grid, self.qf, self.rf,
-                    self.Mx, U, V, gr, self.n, self.m, self.dp, r, self.H,
-                    self.chunk, **args)
-            gr = gr.sum(0)
-        return gq, gr
+        meta = dict(self.wide, BR=_r_chunk(r))
+        gx = gy = None
+        if need_x:
+            gx = self.feats[0].new_empty(self.S, self.n, self.d)
+            _launch(self.k['grad_rows'], self._rows_grid(meta), *self.feats,
+                    self.Mx, U, V, gx, self.n, self.m, self.d, r, self.H,
+                    **meta)
+        if need_y:
+            gy = U.new_empty(self.Z, self.S, self.m, self.d)
+            gp = U.new_empty(self.Z, self.S, self.m, self.kp)
+            _launch(self.k['grad_cols'], self.cols_grid, *self.feats,
+                    self.Mx, U, V, gy, gp, self.n, self.m, self.d, r,
+                    self.H, self.chunk, BP=_p2(self.kp, 1),
+                    POS_GRAD=self.kp > 0, **meta)
+            gy = torch.cat([gy, gp], -1).sum(0)
+        return gx, gy
 
 
-def _to_slices(qf: Tensor, rf: Tensor,
-               v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(B, h, n, d') qf, (1, h, m, d') rf, (B, h, n, d) v -> contiguous
-    (B*h, n, d'), (h, m, d'), (B*h, n, d)."""
-    B, h, n, dp = qf.shape
-    return (qf.reshape(B * h, n, dp).contiguous(),
-            rf.reshape(h, rf.shape[-2], dp).contiguous(),
-            v.reshape(B * h, n, v.shape[-1]).contiguous())
+def _r_chunk(r: int) -> int:
+    """Chunk of dL/dK's rank r for ``_grad_tile``: 32, or 16 where that
+    pads r by 16 less (r = 73 for d = 32, T = 3: 80 instead of 96)."""
+    pad = {b: -r % b for b in (32, 16)}
+    return 16 if pad[32] - pad[16] >= 16 else 32
 
 
 def _top(x: Tensor) -> Tensor:
     return x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
+def _query_features(q: Tensor, eps: float) -> Tensor:
+    """x = q / (|q| + NORM_DELTA) / eps, the queries' part of ``_features``,
+    as (B*h, n, d)."""
+    return (_unit(q) / eps).flatten(0, 1).contiguous()
+
+
 class SeTTritonFunction(torch.autograd.Function):
-    """Same contract as the reference ``_SeTFunction``: (qf (B,h,n,d'),
-    rf (1,h,m,d'), v (B,h,n,d), T) -> y (B,h,n,d)."""
+    """(q (B,h,n,d), tok (n, KP), rf (1,h,m,d+KP), v (B,h,n,d), eps, T) ->
+    y (B,h,n,d): the reference ``_SeTFunction`` on the features of
+    ``_features``, with the same contract as ``fused_cpu.SeTCPUFunction``
+    (the token positions get no gradient).  The kernels take the features'
+    positional part apart from the rest (``_logits``)."""
+
+    builds_query_features = True  # (set_attention passes q, not qf)
 
     @staticmethod
-    def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
+    def forward(ctx, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,
+                eps: float, num_iters: int):
         (B, h, n, d), m = v.shape, rf.shape[-2]
-        qf3, rf3, v3 = _to_slices(qf, rf, v)
-        ops = _Passes(qf3, rf3)
+        x = _query_features(q, eps)
+        y, rp = (t.reshape(h, m, -1).contiguous()
+                 for t in rf.split([d, rf.shape[-1] - d], -1))
+        tp, v3 = tok.contiguous(), v.reshape(B * h, n, d).contiguous()
+        ops = _Passes(x, y, tp, rp)
         # Sinkhorn, as sinkhorn_scalings: b_0 = 1, u_t = K b_t,
         # a_t = 1 / (n u_t), s_t = K^T a_t, b_{t+1} = 1 / (m s_t)
-        b = qf3.new_ones(B * h, m)
+        b = x.new_ones(B * h, m)
         steps = []
         for _ in range(num_iters):
             u = ops.rows(b)
@@ -255,20 +282,25 @@ class SeTTritonFunction(torch.autograd.Function):
         s4, Zt = ops.cols(a_hat, a_hat.unsqueeze(-1) * v3)
         z = Zt / s4.unsqueeze(-1)
         w, Yt = ops.rows(b_hat, b_hat.unsqueeze(-1) * z)
-        y = Yt / w.unsqueeze(-1)
-        if any(ctx.needs_input_grad[:3]):
+        out = Yt / w.unsqueeze(-1)
+        if any(ctx.needs_input_grad):
             flat = [t for step in steps for t in step]
-            ctx.save_for_backward(qf3, rf3, v3, ops.Mx, a_top, b_top, s4, z,
-                                  w, y, b, u, a, *flat)
-            ctx.dims = B, h, num_iters
-        return y.view(B, h, n, d)
+            ctx.save_for_backward(q, y, tp, rp, v3, ops.Mx, a_top, b_top, s4,
+                                  z, w, out, b, u, a, *flat)
+            ctx.eps, ctx.num_iters = eps, num_iters
+        return out.view(B, h, n, d)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        (qf3, rf3, v3, Mx, a_top, b_top, s4, z, w, y, b_T, u_T, a_T,
+        (q, y_ref, tp, rp, v3, Mx, a_top, b_top, s4, z, w, y, b_T, u_T, a_T,
          *flat) = ctx.saved_tensors
-        B, h, T = ctx.dims
-        ops = _Passes(qf3, rf3, Mx)
+        B, h, n, d = q.shape
+        T = ctx.num_iters
+        need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        with torch.enable_grad():  # x's chain rule back to q
+            q = q.detach().requires_grad_(need_q)
+            x = _query_features(q, ctx.eps)
+        ops = _Passes(x.detach(), y_ref, tp, rp, Mx)
         gy = gy.reshape(y.shape)
         a_hat, b_hat = a_T / a_top, b_T / b_top
         left, right = [], []
@@ -308,7 +340,8 @@ class SeTTritonFunction(torch.autograd.Function):
             right.append(b_t.unsqueeze(-1))
             if t > 0:
                 gb = ops.cols(gu)
-        need_q, need_r = ctx.needs_input_grad[:2]
-        gq, gr = ops.logit_grads(torch.cat(left, -1), torch.cat(right, -1),
+        gx, gr = ops.logit_grads(torch.cat(left, -1), torch.cat(right, -1),
                                  need_q, need_r)
-        return _grads_from_slices(B, h, gq, gr, gv)
+        gq = torch.autograd.grad(x, q, gx)[0] if need_q else None
+        _, gr, gv, _ = _grads_from_slices(B, h, None, gr, gv)
+        return gq, None, gr, gv, None, None
