@@ -4,6 +4,7 @@ here under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on hosts
 without CUDA)."""
 import contextlib
 import importlib
+import os
 import os.path as osp
 import platform
 import sys
@@ -501,13 +502,18 @@ def test_triton_launch_falls_back_to_shallower_pipelines(monkeypatch):
         fused_triton._launch(Kernel(fits=0), (1, ), x, BN=64)
 
 
-def _triton_report():
+def _interpreting():
+    return os.environ.get('TRITON_INTERPRET') == '1'
+
+
+def _triton_report(ptxas: bool = True):
     """tools/triton_report.py, the ahead-of-time compiler of the kernels
-    (skips without Triton's ptxas)."""
+    (skips without Triton's ptxas where ``ptxas``)."""
     pytest.importorskip('triton')
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        get_ptxas(90).path
+        if ptxas:
+            from triton.backends.nvidia.compiler import get_ptxas
+            get_ptxas(90).path
     except Exception as e:  # noqa: BLE001 (no ptxas: cannot compile)
         pytest.skip(f'no ptxas to compile for CUDA: {e}')
     sys.path.insert(0, osp.join(osp.dirname(osp.dirname(__file__)), 'tools'))
@@ -539,3 +545,20 @@ def test_triton_kernels_fit_gpus(d, no_spill):
         assert r['shared'] <= report.SHARED_LIMIT[r['cc']], r
         if r['meta']['PREC'] == 'ieee' and r['cc'] in no_spill:
             assert r['local_ops'] == 0 and r['fma'] > 0, r
+
+
+def test_tf32_inputs_emulated_3xtf32_as_accurate_as_fp32():
+    """tl.dot's TF32 inputs, emulated under the interpreter (which runs
+    every dot in fp32): plain TF32 moves SeT's output and gradients by
+    ~1e-3 of their scale (the logits carry 1/eps), the 3xTF32 split keeps
+    fp32's error; the figures a TF32 default would rest on, besides a GPU's
+    timing."""
+    report = _triton_report(ptxas=False)
+    q = torch.zeros(1, dtype=torch.float32)
+    if _available('triton', q) or not _interpreting():
+        pytest.skip('emulates TF32 under the interpreter only')
+    errs = report.emulated_errors(n_side=(7, 9), grid=(5, 6))
+    for k, e in errs['ieee'].items():
+        assert e < 1e-5, errs
+        assert errs['tf32x3'][k] < 5 * e + 1e-6, errs
+        assert errs['tf32'][k] > 30 * e, errs

@@ -69,6 +69,82 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
     return [(name, warps, meta) for (name, warps, _), meta in seen.items()]
 
 
+def _tf32(a):
+    """fp32 array rounded to TF32 (10-bit mantissa) as tensor cores take it:
+    to nearest, ties away from zero (PTX cvt.rna.tf32.f32)."""
+    import numpy as np
+    bits = a.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(
+        np.float32)
+
+
+def _emulating_dot(dot):
+    """Triton's interpreter runs every tl.dot in full fp32 whatever its
+    input precision; this one rounds TF32 inputs first (tf32x3: the
+    3-product split hi.hi + hi.lo + lo.hi of each fp32 input)."""
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        name = str(input_precision).split('.')[-1].upper()
+        if a.data.dtype != np.float32 or name not in ('TF32', 'TF32X3'):
+            return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        ah, bh = _tf32(a.data), _tf32(b.data)
+        out = np.matmul(ah, bh, dtype=np.float32)
+        if name == 'TF32X3':
+            out += np.matmul(ah, _tf32(b.data - bh), dtype=np.float32) + \
+                np.matmul(_tf32(a.data - ah), bh, dtype=np.float32)
+        return TensorHandle(out + d.data, d.dtype.scalar)
+    return create_dot
+
+
+def emulated_errors(precisions=('ieee', 'tf32x3', 'tf32'), d: int = 32,
+                    eps: float = 0.1, sigma: float = 0.8, num_iters=3,
+                    n_side=(14, 14), grid=(8, 8)) -> dict:
+    """{precision: {y, dq, dv, drefs: error}}: SeT through the Triton
+    kernels in fp32 under Triton's interpreter (``TRITON_INTERPRET=1``),
+    with TF32 ``tl.dot`` inputs emulated, against the reference in float64;
+    an error is max |a - a64| / max |a64|.  Arithmetic, not a GPU
+    measurement: tensor cores may also accumulate in another order."""
+    import unittest.mock
+
+    import torch
+    from triton.runtime import interpreter
+
+    from mmsetformer.ops import grid_positions, set_attention, set_backend
+    g = torch.Generator().manual_seed(0)
+    n, m = n_side[0] * n_side[1], grid[0] * grid[1]
+    q, v = (torch.randn(1, 2, n, d, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    r = torch.randn(2, m, d, generator=g, dtype=torch.float64)
+    pos = (grid_positions(*n_side, dtype=torch.float64),
+           grid_positions(*grid, dtype=torch.float64))
+
+    def run(backend, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, v, r)]
+        with set_backend(backend):
+            y = set_attention(*leaves, eps=eps, num_iters=num_iters,
+                              pos=tuple(p.to(dtype) for p in pos),
+                              sigma=sigma)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+        return [y.detach()] + list(torch.autograd.grad(y, leaves, gy))
+
+    ref = run('reference', torch.float64)
+    builder = interpreter.InterpreterBuilder
+    out = {}
+    with unittest.mock.patch.object(builder, 'create_dot',
+                                    _emulating_dot(builder.create_dot)):
+        for prec in precisions:
+            with unittest.mock.patch.dict(
+                    os.environ, MMSETFORMER_SET_PRECISION=prec):
+                ours = run('triton', torch.float32)
+            out[prec] = {k: ((a.double() - b).abs().max() /
+                             b.abs().max()).item()
+                         for k, a, b in zip(('y', 'dq', 'dv', 'drefs'),
+                                            ours, ref)}
+    return out
+
+
 def _res_usage(cubin: bytes, bindir: str) -> dict:
     """Registers, spill stack and instruction mix of one compiled kernel."""
     import tempfile
@@ -160,8 +236,23 @@ def main():
                    choices=('ieee', 'tf32x3', 'tf32'))
     p.add_argument('--no-lpe', action='store_true')
     p.add_argument('--json', help='also write the rows here')
+    p.add_argument('--tf32-error', action='store_true',
+                   help='instead: the error of each precision against '
+                   'float64, TF32 emulated under the interpreter')
+    p.add_argument('--eps', type=float, default=0.1,
+                   help='with --tf32-error: eps (the models\' default 0.1)')
     args = p.parse_args()
     os.environ['TRITON_INTERPRET'] = '1'
+    if args.tf32_error:
+        errs = emulated_errors(('ieee', 'tf32x3', 'tf32'), args.d, args.eps)
+        print(f'SeT through the Triton kernels (interpreter, TF32 '
+              f'emulated), d = {args.d}, eps = {args.eps}: max |a - a64| '
+              '/ max |a64|\n\n| precision | y | dL/dq | dL/dv | dL/drefs '
+              '|\n| --- | --- | --- | --- | --- |')
+        for prec, e in errs.items():
+            print(f'| {prec} | ' + ' | '.join(f'{x:.1e}' for x in e.values())
+                  + ' |')
+        return
     launches = record_launches(args.d, lpe=not args.no_lpe,
                                precisions=args.precision)
     rows = compile_launches(launches, args.cc)
