@@ -35,9 +35,12 @@ INTS = ('n', 'm', 'dp', 'd', 'kp', 'c', 'heads', 'chunk', 'r')
 def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
                     lpe: bool = True, precisions=('ieee', )) -> list:
     """[(kernel name, warps, constexprs)] of one SeT forward + backward at
-    head dim ``d``, run under Triton's interpreter (which must be on before
-    triton is imported: ``TRITON_INTERPRET=1``); the defaults give full
-    64-wide tiles and partial ones."""
+    head dim ``d`` in each of ``precisions`` (tiles may depend on it), run
+    under Triton's interpreter (which must be on before triton is imported:
+    ``TRITON_INTERPRET=1``); the defaults give full 64-wide tiles and
+    partial ones."""
+    import unittest.mock
+
     import torch
 
     from mmsetformer.ops import (fused_triton, grid_positions, set_attention,
@@ -45,10 +48,8 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
     seen, launch = {}, fused_triton._launch
 
     def record(kernel, grid, *args, warps=fused_triton.WARPS, **meta):
-        for prec in precisions:
-            meta_p = dict(meta, PREC=prec)
-            seen[kernel.fn.__name__, warps,
-                 json.dumps(meta_p, sort_keys=True)] = meta_p
+        seen[kernel.fn.__name__, warps,
+             json.dumps(meta, sort_keys=True)] = meta
         launch(kernel, grid, *args, warps=warps, **meta)
 
     g = torch.Generator().manual_seed(0)
@@ -58,14 +59,14 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
     r = torch.randn(1, m, d, generator=g).requires_grad_()
     pos = (grid_positions(*n_side), grid_positions(6, (m + 5) // 6)[:m]) \
         if lpe else None
-    fused_triton._launch = record
-    try:
-        with set_backend('triton'):
-            y = set_attention(q, v, r, eps=0.3, num_iters=num_iters, pos=pos,
-                              sigma=0.5 if lpe else None)
-            torch.autograd.grad(y.sum(), (q, v, r))
-    finally:
-        fused_triton._launch = launch
+    with unittest.mock.patch.object(fused_triton, '_launch', record), \
+            set_backend('triton'):
+        for prec in precisions:
+            with unittest.mock.patch.dict(
+                    os.environ, MMSETFORMER_SET_PRECISION=prec):
+                y = set_attention(q, v, r, eps=0.3, num_iters=num_iters,
+                                  pos=pos, sigma=0.5 if lpe else None)
+                torch.autograd.grad(y.sum(), (q, v, r))
     return [(name, warps, meta) for (name, warps, _), meta in seen.items()]
 
 

@@ -109,7 +109,7 @@ _STAGES_THAT_FIT = {}  # (kernel, warps, constexprs, device) -> depth
 # the 255 registers of a thread on some GPU and spill to local memory
 # (``tools/triton_report.py`` shows it on any machine: e.g. sm_80 at 64
 # rows, d = 32); ``test_triton_kernels_fit_gpus`` keeps d = 32 spill-free
-# on sm_80, sm_86 and sm_90.
+# on sm_80, sm_86 and sm_90 in fp32, and on sm_90 in 3xTF32.
 WARPS, WIDE_ROWS = 8, 32
 
 
@@ -161,6 +161,10 @@ class _Passes:
         self.meta = dict(KP=self.kp, BN=self.BN, BM=self.BM, BD=BD,
                          PREC=self.prec)
         self.wide = dict(self.meta, BN=min(self.BN, WIDE_ROWS))
+        # the row-side wide kernels sweep their columns in narrower tiles
+        # under TF32 (which keeps hi / lo halves of each dot's inputs)
+        self.wide_rows = self.wide if self.prec == 'ieee' else dict(
+            self.wide, BM=min(self.BM, WIDE_ROWS))
         # column passes: m / BM blocks per slice are too few programs for a
         # GPU, so the rows are split into Z chunks (of whole row tiles of
         # either height) summed afterwards
@@ -182,7 +186,8 @@ class _Passes:
         return (-(-self.n // meta['BN']), self.S)
 
     def _pass(self, kernel, rows: bool, size, vec, mat, *extra):
-        meta = self.meta if mat is None else self.wide
+        meta = self.meta if mat is None else self.wide_rows if rows \
+            else self.wide
         grid = self._rows_grid(meta) if rows else self.cols_grid
         parts = 1 if rows else self.Z
         out_v = vec.new_empty(parts, self.S, size)
@@ -211,20 +216,20 @@ class _Passes:
         dL/dK = U V^T (U: (S, n, r), V: (S, m, r))."""
         r = U.shape[-1]
         U, V = U.contiguous(), V.contiguous()
-        meta = dict(self.wide, BR=_r_chunk(r))
+        BR = _r_chunk(r)
         gx = gy = None
         if need_x:
             gx = self.feats[0].new_empty(self.S, self.n, self.d)
-            _launch(self.k['grad_rows'], self._rows_grid(meta), *self.feats,
-                    self.Mx, U, V, gx, self.n, self.m, self.d, r, self.H,
-                    **meta)
+            _launch(self.k['grad_rows'], self._rows_grid(self.wide_rows),
+                    *self.feats, self.Mx, U, V, gx, self.n, self.m, self.d,
+                    r, self.H, BR=BR, **self.wide_rows)
         if need_y:
             gy = U.new_empty(self.Z, self.S, self.m, self.d)
             gp = U.new_empty(self.Z, self.S, self.m, self.kp)
             _launch(self.k['grad_cols'], self.cols_grid, *self.feats,
                     self.Mx, U, V, gy, gp, self.n, self.m, self.d, r,
                     self.H, self.chunk, BP=_p2(self.kp, 1),
-                    POS_GRAD=self.kp > 0, **meta)
+                    POS_GRAD=self.kp > 0, BR=BR, **self.wide)
             gy = torch.cat([gy, gp], -1).sum(0)
         return gx, gy
 
