@@ -180,6 +180,36 @@ def test_benchmark_swin_from_timm_matches_mmdet():
                            for s in (4, 8, 16, 32)]
 
 
+def test_benchmark_forces_each_set_variant():
+    """The backbone part's SeTformer-T variants on CUDA run the Triton
+    kernels (fp32, 3xTF32) inside their forward only; on the CPU the
+    reference."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+
+    from mmsetformer.ops import get_backend
+    assert {k for k in benchmark.backbones(False, cuda=True)
+            if k.startswith('SeTformer-T (')} == {
+        'SeTformer-T (Triton SeT)', 'SeTformer-T (Triton SeT, 3xTF32)'}
+    assert [k for k in benchmark.backbones(False)
+            if k.startswith('SeTformer-T (')] == [
+        'SeTformer-T (reference SeT)']
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((get_backend(),
+                         os.environ.get('MMSETFORMER_SET_PRECISION')))
+            return x
+
+    before = get_backend(), os.environ.get('MMSETFORMER_SET_PRECISION')
+    benchmark._SeTBackend(Probe(), 'triton', 'tf32x3')(torch.zeros(1))
+    benchmark._SeTBackend(Probe(), 'reference')(torch.zeros(1))
+    assert seen == [('triton', 'tf32x3'), ('reference', before[1])]
+    assert (get_backend(),
+            os.environ.get('MMSETFORMER_SET_PRECISION')) == before
+
+
 def test_benchmark_quick_smoke(tmp_path):
     out = str(tmp_path / 'bench')
     run([PY, 'tools/benchmark.py', '--quick', '--out', out,

@@ -17,9 +17,11 @@ against the column-marginal error and time). Writes ``benchmark.md``,
 (``benchmark_cuda.*`` on a GPU, where the operator also runs flash
 attention in bf16 and n up to 200704, the backbones run at 224² x 64 and
 800x1344 x 2 in fp32 and fp16 AMP, and the Sinkhorn part is left out).
-``SeT`` is the operator as users get it (the fused kernel for the device);
-``SeT (reference)`` and ``SeTformer-T (reference SeT)`` run the reference
-implementation in the same run, for the speed-up.  Peak memory on the CPU
+``SeT`` is the operator as users get it (``auto``: the CPU's kernel, the
+reference on CUDA); ``SeT (reference)`` and ``SeTformer-T (reference SeT)``
+run the reference in the same run, for the speed-up, and on CUDA ``SeT
+(triton...)`` and ``SeTformer-T (Triton SeT...)`` the fused kernels, at
+each ``tl.dot`` input precision.  Peak memory on the CPU
 is read from the allocator's events through torch's profiler (kept out of
 the timed runs); on CUDA it is the allocator peak.
 """
@@ -403,34 +405,47 @@ def _setformer(arch, m):
     return SeTformer(arch, num_refs=m, drop_path_rate=0.)
 
 
-class _ReferenceSeT(torch.nn.Module):
-    """A backbone whose SeT layers run the reference implementation."""
+class _SeTBackend(torch.nn.Module):
+    """A backbone whose SeT layers run the given implementation (and, for
+    the Triton kernels, ``tl.dot`` input precision)."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, backend: str, precision: str = None):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.backend = backbone, backend
+        self.env = {} if precision is None else dict(
+            MMSETFORMER_SET_PRECISION=precision)
 
     def forward(self, x):
-        with set_backend('reference'):
+        with set_backend(self.backend), mock.patch.dict(os.environ,
+                                                        self.env):
             return self.backbone(x)
 
 
-def backbones(quick, swin='mmdet'):
+def backbones(quick, swin='mmdet', cuda=False):
     """{name: make(m, (h, w))}: SeTformer with m references, Swin (from
-    ``swin``, see :func:`swin_source`) built for h x w inputs."""
+    ``swin``, see :func:`swin_source`) built for h x w inputs.  SeTformer-T
+    also with its SeT forced: the reference on the CPU (against the
+    compiled kernel); on CUDA, where ``auto`` runs the reference, the
+    Triton kernels in fp32 and in 3xTF32 (which to choose is for a GPU to
+    measure)."""
     def sw(depths):
         return lambda m, hw: _swin(depths, (3, 6, 12, 24), source=swin,
                                    hw=hw)
+
+    def forced(arch, *how):
+        return lambda m, hw: _SeTBackend(_setformer(arch, m), *how)
     if quick:
         return {'SeTformer-M': lambda m, hw: _setformer('m', m),
-                'SeTformer-M (reference SeT)':
-                lambda m, hw: _ReferenceSeT(_setformer('m', m)),
+                'SeTformer-M (reference SeT)': forced('m', 'reference'),
                 'Swin-T': sw((2, 2, 6, 2))}
+    variants = {'SeTformer-T (Triton SeT)': forced('t', 'triton'),
+                'SeTformer-T (Triton SeT, 3xTF32)':
+                forced('t', 'triton', 'tf32x3')} if cuda else {
+                    'SeTformer-T (reference SeT)': forced('t', 'reference')}
     return {
         'SeTformer-M': lambda m, hw: _setformer('m', m),
         'SeTformer-T': lambda m, hw: _setformer('t', m),
-        'SeTformer-T (reference SeT)':
-        lambda m, hw: _ReferenceSeT(_setformer('t', m)),
+        **variants,
         'SeTformer-S': lambda m, hw: _setformer('s', m),
         'Swin-T': sw((2, 2, 6, 2)),
         'Swin-S': sw((2, 2, 18, 2)),
@@ -458,9 +473,11 @@ def bench_backbone(args, device, report):
     rows = []
     for label, (b, h, w), m, only in settings:
         models = {k: f(m, (h, w)).to(device)
-                  for k, f in backbones(args.quick, swin).items()
+                  for k, f in backbones(args.quick, swin,
+                                        device.type == 'cuda').items()
                   if (only is None or k in only) and
-                  (not args.models or k in args.models + ['Swin-T'])}
+                  (not args.models or k.split(' (')[0] in args.models +
+                   ['Swin-T'])}
         x = torch.randn(b, 3, h, w, device=device)
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
 
@@ -880,8 +897,8 @@ def main():
         help='trained model whose features the Sinkhorn part also uses '
         '(skipped when missing; `make demo` writes the default)')
     p.add_argument('--models', nargs='+', metavar='NAME',
-                   help='backbones to run (Swin-T, the reference, always '
-                   'runs), e.g. SeTformer-T')
+                   help='backbones to run, with their forced-SeT variants '
+                   '(Swin-T, the reference, always runs), e.g. SeTformer-T')
     p.add_argument('--swin', choices=['auto', 'mmdet', 'timm'],
                    default='auto', help='the Swin baselines: mmdet\'s '
                    'backbone (auto: where mmdet imports) or timm\'s')
