@@ -180,6 +180,28 @@ def test_benchmark_swin_from_timm_matches_mmdet():
                            for s in (4, 8, 16, 32)]
 
 
+def test_benchmark_rounds_fit_a_time_budget():
+    """Interleaved timing: every candidate as often, fewer rounds where a
+    round (judged from the last warm-up call) would exceed the budget."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import time
+
+    import benchmark
+    calls = []
+
+    def make(name, s):
+        return lambda: (calls.append(name), time.sleep(s))
+
+    cands = {'slow': make('slow', 0.05), 'fast': make('fast', 0.)}
+    cpu = torch.device('cpu')
+    benchmark.Interleaved(cpu, 8, warmup=2, budget_s=0.16).run(cands)
+    # 0.16 s / ~0.05 s a round: 3 rounds (fewer if sleeps overrun), not 8
+    assert calls.count('slow') == calls.count('fast') in (2 + 2, 2 + 3)
+    calls.clear()
+    benchmark.Interleaved(cpu, 8, warmup=1).run(cands)
+    assert calls.count('slow') == calls.count('fast') == 1 + 8
+
+
 def test_benchmark_forces_each_set_variant():
     """The backbone part's SeTformer-T variants on CUDA run the Triton
     kernels (fp32, 3xTF32) inside their forward only; on the CPU the

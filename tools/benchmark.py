@@ -120,21 +120,31 @@ class Interleaved:
     """Times several candidates round-robin (so machine noise hits all of
     them alike) and keeps the median of each."""
 
-    def __init__(self, device, repeats: int, warmup: int = 1):
+    def __init__(self, device, repeats: int, warmup: int = 1,
+                 budget_s: float = None):
         self.device, self.repeats, self.warmup = device, repeats, warmup
+        self.budget_s = budget_s
+
+    def _timed(self, fn: Callable) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(self.device)
+        return time.perf_counter() - t0
 
     def run(self, candidates: Dict[str, Callable]) -> Dict[str, float]:
-        for fn in candidates.values():
+        last = {}  # each candidate's last warm-up (the first may compile)
+        for k, fn in candidates.items():
             for _ in range(self.warmup):
-                fn()
+                last[k] = self._timed(fn)
+        repeats = self.repeats
+        if self.budget_s and last:  # fewer rounds where a round is slow
+            repeats = max(1, min(repeats, int(
+                self.budget_s / max(sum(last.values()), 1e-9))))
         times = {k: [] for k in candidates}
-        for _ in range(self.repeats):
+        for _ in range(repeats):
             for k, fn in candidates.items():
-                _sync(self.device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(self.device)
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(self._timed(fn))
         return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -517,8 +527,12 @@ def bench_backbone(args, device, report):
             if amp is not None:
                 mode += ', AMP fp16'
             cands = {k: make(mod, amp) for k, mod in models.items()}
-            times = Interleaved(device, reps, warmup=2 if slow else 1).run(
-                cands)
+            # a GPU lease is short: at most ~30 s of timed rounds a mode,
+            # judged from a second warm-up call (the first compiles)
+            cuda = device.type == 'cuda'
+            times = Interleaved(device, reps, warmup=2 if slow or cuda
+                                else 1, budget_s=30 if cuda else None).run(
+                                    cands)
             for k, fn in cands.items():
                 mem = peak_memory(fn, device, (x, ) + tuple(
                     models[k].parameters()))
