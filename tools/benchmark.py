@@ -191,7 +191,7 @@ def bench_operator(args, device, report):
 
         fns = {
             'SeT': set_op,
-            'SeT (reference)': _with_backend('reference', set_op),
+            'SeT (reference)': _forced(set_op, 'reference'),
             'softmax (SDPA)': lambda: F.scaled_dot_product_attention(q, k, v),
             'window 7x7': lambda: window_attention(q, k, v, hw),
         }
@@ -215,12 +215,8 @@ def bench_operator(args, device, report):
             # the Triton kernels at each tl.dot input precision: the TF32
             # ones only become a default once their error (below) is known
             for prec in ('ieee', 'tf32x3', 'tf32')[:1 if n > 50176 else 3]:
-                def set_triton(prec=prec):
-                    with set_backend('triton'), mock.patch.dict(
-                            os.environ, MMSETFORMER_SET_PRECISION=prec):
-                        return set_op()
                 fns['SeT (triton)' if prec == 'ieee' else
-                    f'SeT (triton, {prec})'] = set_triton
+                    f'SeT (triton, {prec})'] = _forced(set_op, 'triton', prec)
             # flash attention takes half inputs: bf16 copies as own leaves
             qb, kb, vb = (t.bfloat16() for t in (q, k, v))
             leaves += (qb, kb, vb)
@@ -277,9 +273,9 @@ def bench_operator(args, device, report):
                              sigma=sigma)
 
     impls = {'SeT': set_op,
-             'SeT (reference)': _with_backend('reference', set_op)}
+             'SeT (reference)': _forced(set_op, 'reference')}
     if cuda:
-        impls['SeT (triton)'] = _with_backend('triton', set_op)
+        impls['SeT (triton)'] = _forced(set_op, 'triton')
     report['operator']['kernels'] = dict(
         n=side * side, what='CUDA kernel' if cuda else 'operator', rows=[
             dict(impl=k, **r) for k, fn in impls.items()
@@ -287,10 +283,15 @@ def bench_operator(args, device, report):
                                   device)])
 
 
-def _with_backend(name: str, fn: Callable) -> Callable:
-    def call():
-        with set_backend(name):
-            return fn()
+def _forced(fn: Callable, backend: str, precision: str = None) -> Callable:
+    """``fn`` with SeT forced to ``backend`` (and, for the Triton kernels,
+    ``tl.dot``'s input precision) while it runs."""
+    env = {} if precision is None else dict(
+        MMSETFORMER_SET_PRECISION=precision)
+
+    def call(*args):
+        with set_backend(backend), mock.patch.dict(os.environ, env):
+            return fn(*args)
     return call
 
 
@@ -421,14 +422,11 @@ class _SeTBackend(torch.nn.Module):
 
     def __init__(self, backbone, backend: str, precision: str = None):
         super().__init__()
-        self.backbone, self.backend = backbone, backend
-        self.env = {} if precision is None else dict(
-            MMSETFORMER_SET_PRECISION=precision)
+        self.backbone = backbone
+        self.run = _forced(backbone, backend, precision)
 
     def forward(self, x):
-        with set_backend(self.backend), mock.patch.dict(os.environ,
-                                                        self.env):
-            return self.backbone(x)
+        return self.run(x)
 
 
 def backbones(quick, swin='mmdet', cuda=False):
