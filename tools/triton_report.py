@@ -6,6 +6,7 @@ stores), from Triton's bundled ptxas and cuobjdump.
 
     python tools/triton_report.py                  # SeTformer's head: d = 32
     python tools/triton_report.py --d 40 --cc 86 90 --precision ieee tf32x3
+    python tools/triton_report.py --tf32-error     # TF32's error, emulated
 
 Spills and a shared-memory overflow are found here, on any machine, instead
 of as a slow or failing launch on the one GPU that has them.  Instruction
@@ -29,7 +30,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024,
 # SASS opcodes reported, by what they cost
 MIX = dict(fma=('FFMA', 'DFMA'), mma=('HMMA', 'HGMMA', 'DMMA'),
            exp=('MUFU', ), local_ops=('LDL', 'STL'))
-INTS = ('n', 'm', 'dp', 'd', 'kp', 'c', 'heads', 'chunk', 'r')
+INTS = ('n', 'm', 'd', 'c', 'heads', 'chunk', 'r')  # the kernels' int args
 
 
 def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
