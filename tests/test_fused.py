@@ -4,7 +4,6 @@ here under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on hosts
 without CUDA)."""
 import contextlib
 import importlib
-import os
 import os.path as osp
 import platform
 import sys
@@ -502,10 +501,6 @@ def test_triton_launch_falls_back_to_shallower_pipelines(monkeypatch):
         fused_triton._launch(Kernel(fits=0), (1, ), x, BN=64)
 
 
-def _interpreting():
-    return os.environ.get('TRITON_INTERPRET') == '1'
-
-
 def _triton_report(ptxas: bool = True):
     """tools/triton_report.py, the ahead-of-time compiler of the kernels
     (skips without Triton's ptxas where ``ptxas``)."""
@@ -560,7 +555,7 @@ def test_tf32_inputs_emulated_3xtf32_as_accurate_as_fp32():
     timing."""
     report = _triton_report(ptxas=False)
     q = torch.zeros(1, dtype=torch.float32)
-    if _available('triton', q) or not _interpreting():
+    if _available('triton', q) or not fused_triton._interpreting():
         pytest.skip('emulates TF32 under the interpreter only')
     errs = report.emulated_errors(n_side=(7, 9), grid=(5, 6))
     for k, e in errs['ieee'].items():
