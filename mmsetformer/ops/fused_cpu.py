@@ -212,6 +212,5 @@ class SeTCPUFunction(torch.autograd.Function):
                                    gy.reshape(y.shape).contiguous(), *saved,
                                    need_q, need_r, ctx.eps, NORM_DELTA,
                                    *ctx.shapes[6:8], ws)
-        gq, gr, gv, _ = _grads_from_slices(B, h, gq if need_q else None,
-                                           gr if need_r else None, gv)
-        return gq, None, gr, gv, None, None
+        return _grads_from_slices(B, h, gq if need_q else None,
+                                  gr if need_r else None, gv)

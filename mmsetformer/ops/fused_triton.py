@@ -348,5 +348,4 @@ class SeTTritonFunction(torch.autograd.Function):
         gx, gr = ops.logit_grads(torch.cat(left, -1), torch.cat(right, -1),
                                  need_q, need_r)
         gq = torch.autograd.grad(x, q, gx)[0] if need_q else None
-        _, gr, gv, _ = _grads_from_slices(B, h, None, gr, gv)
-        return gq, None, gr, gv, None, None
+        return _grads_from_slices(B, h, gq, gr, gv)

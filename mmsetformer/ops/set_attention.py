@@ -262,12 +262,13 @@ def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
 def _grads_from_slices(B: int, h: int, gq: Optional[Tensor],
                        gr: Optional[Tensor], gv: Tensor) -> tuple:
     """Per-slice gradients back to the inputs' shapes (the references'
-    summed over the batch), as ``backward``'s (qf, rf, v, num_iters)."""
+    summed over the batch), as ``backward``'s (q, tok, rf, v, eps,
+    num_iters): the token positions get none."""
     n = gv.shape[1]
-    return (None if gq is None else gq.view(B, h, n, -1),
+    return (None if gq is None else gq.view(B, h, n, -1), None,
             None if gr is None else gr.view(B, h, *gr.shape[1:]).sum(
                 0, keepdim=True),
-            gv.view(B, h, n, -1), None)
+            gv.view(B, h, n, -1), None, None)
 
 
 def sinkhorn_scalings(K: Tensor, num_iters: int,
