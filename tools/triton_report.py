@@ -34,10 +34,12 @@ INTS = ('n', 'm', 'd', 'c', 'heads', 'chunk', 'r')  # the kernels' int args
 
 
 def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
-                    lpe: bool = True, precisions=('ieee', )) -> list:
+                    lpe: bool = True, precisions=('ieee', ),
+                    cc: int = 90) -> list:
     """[(kernel name, warps, constexprs)] of one SeT forward + backward at
-    head dim ``d`` in each of ``precisions`` (tiles may depend on it), run
-    under Triton's interpreter (which must be on before triton is imported:
+    head dim ``d`` in each of ``precisions`` with the tiles chosen for
+    compute capability ``cc`` (tiles may depend on both), run under
+    Triton's interpreter (which must be on before triton is imported:
     ``TRITON_INTERPRET=1``); the defaults give full 64-wide tiles and
     partial ones."""
     import unittest.mock
@@ -61,6 +63,8 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
     pos = (grid_positions(*n_side), grid_positions(6, (m + 5) // 6)[:m]) \
         if lpe else None
     with unittest.mock.patch.object(fused_triton, '_launch', record), \
+            unittest.mock.patch.object(fused_triton, 'INTERPRETED_CC',
+                                       divmod(cc, 10)), \
             set_backend('triton'):
         for prec in precisions:
             with unittest.mock.patch.dict(
@@ -161,11 +165,33 @@ def _res_usage(cubin: bytes, bindir: str) -> dict:
                               check=True).stdout
     usage = {k.lower(): int(v) for k, v in
              re.findall(r'\b(REG|STACK|LOCAL):(\d+)', res)}
-    ops = Counter(m.group(1) for m in re.finditer(
-        r'/\*[0-9a-f]{4}\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9]*)', sass))
+    code = [(int(a, 16), op, rest) for a, op, rest in re.findall(
+        r'/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9]*)([^;]*);',
+        sass)]
+    ops = Counter(op for _, op, _ in code)
     usage.update({k: sum(ops[o] for o in names)
                   for k, names in MIX.items()})
+    usage['instructions'] = len(code)
+    # loops: the spans closed by a backward branch; a spill outside them
+    # (a value saved across a loop) costs nothing next to the tile loops
+    loops = [(int(t, 16), a) for a, op, rest in code if op == 'BRA'
+             for t in re.findall(r'0x([0-9a-f]+)', rest)[-1:]
+             if int(t, 16) < a]
+    usage['loops'] = len(loops)
+    # the tile loops' bodies: what one tile of K costs a program
+    usage['loop_instructions'] = sum(
+        1 for a, _, _ in code if any(t <= a <= end for t, end in loops))
+    usage['loop_local_ops'] = sum(
+        1 for a, op, _ in code if op in MIX['local_ops']
+        and any(t <= a <= end for t, end in loops))
     return usage
+
+
+def compile_forward_backward(d: int, ccs=(86, 90), precisions=('ieee', ),
+                             lpe: bool = True) -> list:
+    """``compile_launches`` of each GPU's ``record_launches``."""
+    return [row for cc in ccs for row in compile_launches(
+        record_launches(d, lpe=lpe, precisions=precisions, cc=cc), [cc])]
 
 
 def compile_launches(launches: list, ccs=(86, 90), stages=None) -> list:
@@ -214,8 +240,9 @@ def _compile_worker() -> None:
 def table(rows: list) -> str:
     keys = ('BN', 'BM', 'BD', 'BC', 'BR', 'HAS_MAT', 'PREC')
     lines = ['| kernel | sm | tiles / constants | warps | stages | shared KiB '
-             '| registers | stack bytes | FMA | MMA | exp | local ld/st |',
-             '| --- ' * 12 + '|']
+             '| registers | stack bytes | FMA | MMA | exp | local ld/st '
+             '| of them in loops | instructions | in loops |',
+             '| --- ' * 15 + '|']
     for r in rows:
         meta = ' '.join(f'{k}={r["meta"][k]}' for k in keys
                         if k in r['meta'])
@@ -223,7 +250,8 @@ def table(rows: list) -> str:
             f'| {r["kernel"]} | {r["cc"]} | {meta} | {r["warps"]} | '
             f'{r["stages"]} | {r["shared"] / 1024:.0f} | {r["reg"]} | '
             f'{r["stack"]} | {r["fma"]} | {r["mma"]} | {r["exp"]} | '
-            f'{r["local_ops"]} |')
+            f'{r["local_ops"]} | {r["loop_local_ops"]} | '
+            f'{r["instructions"]} | {r["loop_instructions"]} |')
     return '\n'.join(lines)
 
 
@@ -255,9 +283,8 @@ def main():
             print(f'| {prec} | ' + ' | '.join(f'{x:.1e}' for x in e.values())
                   + ' |')
         return
-    launches = record_launches(args.d, lpe=not args.no_lpe,
-                               precisions=args.precision)
-    rows = compile_launches(launches, args.cc)
+    rows = compile_forward_backward(args.d, args.cc, args.precision,
+                                    not args.no_lpe)
     print(f'SeT Triton kernels, head dim {args.d}, '
           f'LPE {"off" if args.no_lpe else "on"}: static counts per '
           'kernel (a loop body counts once)\n')

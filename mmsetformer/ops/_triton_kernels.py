@@ -15,6 +15,8 @@ import triton.language as tl
 from .set_attention import LOG_KERNEL_FLOOR
 
 FLOOR: tl.constexpr = tl.constexpr(float(LOG_KERNEL_FLOOR))
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+FLOOR2: tl.constexpr = tl.constexpr(FLOOR.value * LOG2E.value)  # base 2
 
 
 @triton.jit
@@ -41,13 +43,23 @@ def _logits(x, y, TP, RP, hs, rows, cols, n, m, KP: tl.constexpr,
 
 
 @triton.jit
-def _kernel(logits, mx, rows, cols, n, m):
-    """K on a tile from its logits and row maxima mx, the mask of real
-    entries, and of those above the floor."""
-    valid = (rows[:, None] < n) & (cols[None, :] < m)
-    shifted = tl.maximum(logits - mx[:, None], -FLOOR)
-    return tl.where(valid, tl.exp(shifted), 0.), \
-        valid & (logits - mx[:, None] > -FLOOR)
+def _kernel(logits, mx):
+    """K on a tile from its logits and row maxima mx, and the mask of the
+    entries above the floor (the rest pass no gradient).
+
+    Entries outside the n x m kernel are not masked: the kernels load zero
+    features there, so they are finite (the clamp at 0 keeps them so where
+    a row's max is below -88), and every product with them meets a
+    zero-padded operand.  In fp32 the shift and exp's scaling to base 2 are
+    one FMA (``tl.exp`` would multiply after the subtraction); fp64 keeps
+    ``tl.exp``, since a float literal is an fp32 constant in Triton."""
+    if logits.dtype == tl.float64:
+        shifted = logits - mx[:, None]
+        return tl.exp(tl.minimum(tl.maximum(shifted, -FLOOR), 0.)), \
+            shifted > -FLOOR
+    shifted = logits * LOG2E - (mx * LOG2E)[:, None]
+    return tl.exp2(tl.minimum(tl.maximum(shifted, -FLOOR2), 0.)), \
+        shifted > -FLOOR2
 
 
 @triton.jit
@@ -62,8 +74,7 @@ def _row_max(X, Y, TP, RP, Mx, n, m, d, heads, KP: tl.constexpr,
         cols = j0 + tl.arange(0, BM)
         logits = _logits(x, _load(Y, s % heads, cols, m, d, BD), TP, RP,
                          s % heads, rows, cols, n, m, KP, PREC)
-        valid = (rows[:, None] < n) & (cols[None, :] < m)
-        logits = tl.where(valid, logits, float('-inf'))
+        logits = tl.where(cols[None, :] < m, logits, float('-inf'))
         best = tl.maximum(best, tl.max(logits, axis=1))
     tl.store(Mx + s * n + rows, best, mask=rows < n)
 
@@ -84,7 +95,7 @@ def _row_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
         cols = j0 + tl.arange(0, BM)
         K, _ = _kernel(_logits(x, _load(Y, s % heads, cols, m, d, BD), TP,
                                RP, s % heads, rows, cols, n, m, KP, PREC),
-                       mx, rows, cols, n, m)
+                       mx)
         vec = tl.load(Vec + s * m + cols, mask=cols < m, other=0.)
         acc_v += tl.sum(K * vec[None, :], axis=1)
         if HAS_MAT:
@@ -118,7 +129,7 @@ def _col_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
         mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
         K, _ = _kernel(_logits(_load(X, s, rows, n, d, BD), y, TP, RP,
                                s % heads, rows, cols, n, m, KP, PREC),
-                       mx, rows, cols, n, m)
+                       mx)
         vec = tl.load(Vec + s * n + rows, mask=rows < n, other=0.)
         acc_v += tl.sum(K * vec[:, None], axis=0)
         if HAS_MAT:
@@ -137,6 +148,7 @@ def _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR: tl.constexpr,
     """dL/dlogK on a tile: K * (U V^T) where K is not clamped.  U V^T runs
     over r (2d + 3 + 2T) in chunks of BR: whole rows of U and V would take
     more registers than a GPU has once d reaches 32-64."""
+    K = tl.where(live, K, 0.)  # (the mask dies here, before the loop)
     gk = tl.zeros(K.shape, K.dtype)
     for r0 in range(0, r, BR):
         rr = r0 + tl.arange(0, BR)
@@ -145,7 +157,7 @@ def _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR: tl.constexpr,
         v = tl.load(V + (s * m + cols[:, None]) * r + rr[None, :],
                     mask=(cols[:, None] < m) & (rr[None, :] < r), other=0.)
         gk += tl.dot(u, tl.trans(v), input_precision=PREC)
-    return tl.where(live, K * gk, 0.)
+    return K * gk
 
 
 @triton.jit
@@ -162,7 +174,7 @@ def _grad_rows(X, Y, TP, RP, Mx, U, V, GX, n, m, d, r, heads,
         cols = j0 + tl.arange(0, BM)
         y = _load(Y, s % heads, cols, m, d, BD)
         K, live = _kernel(_logits(x, y, TP, RP, s % heads, rows, cols, n, m,
-                                  KP, PREC), mx, rows, cols, n, m)
+                                  KP, PREC), mx)
         g = _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR, PREC)
         acc += tl.dot(g, y, input_precision=PREC)
     dd = tl.arange(0, BD)
@@ -190,7 +202,7 @@ def _grad_cols(X, Y, TP, RP, Mx, U, V, GY, GP, n, m, d, r, heads, chunk,
         x = _load(X, s, rows, n, d, BD)
         mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
         K, live = _kernel(_logits(x, y, TP, RP, s % heads, rows, cols, n, m,
-                                  KP, PREC), mx, rows, cols, n, m)
+                                  KP, PREC), mx)
         g = _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR, PREC)
         acc += tl.dot(tl.trans(g), x, input_precision=PREC)
         if POS_GRAD:  # KP column sums: a dot would pad KP to 16

@@ -6,8 +6,9 @@ unit references, tp / rp the positional encoding's (k + 2)-dim features and
 ``M_i`` the row max.  Every pass of SeT is a product of ``K`` (or ``K^T``)
 with vectors or thin matrices, so each Triton program rebuilds its tile of
 ``K`` from tiles of the features (one ``tl.dot`` over d, k + 2 rank-1
-terms and one ``exp``), uses it, and drops it, as flash attention does
-with its logits:
+terms, or none where the position features fit in the dot's padding, and
+one ``exp``), uses it, and drops it, as flash attention does with its
+logits:
 
 - ``_row_max``: ``M_i = max_j`` of the logits (the first pass; the floor
   needs the final max, so it is not folded into later passes as an online
@@ -98,6 +99,17 @@ def _programs(x: Tensor) -> int:
     return 64
 
 
+# The compute capability the tiles are chosen for where Triton interprets
+# (no GPU): tools/triton_report.py sets it to the GPU it compiles for.
+INTERPRETED_CC = (9, 0)
+
+
+def _capability(x: Tensor) -> Tuple[int, int]:
+    if x.device.type == 'cuda':
+        return torch.cuda.get_device_capability(x.device)
+    return INTERPRETED_CC
+
+
 # Software-pipelining depths, tried in turn: Triton's default first; a GPU
 # with less shared memory per block (99 KB on sm_86/89, 163 KB on sm_80, 227
 # KB on sm_90) runs a shallower pipeline instead of failing to launch.
@@ -111,6 +123,11 @@ _STAGES_THAT_FIT = {}  # (kernel, warps, constexprs, device) -> depth
 # rows, d = 32); ``test_triton_kernels_fit_gpus`` keeps d = 32 spill-free
 # on sm_80, sm_86 and sm_90 in fp32, and on sm_90 in 3xTF32.
 WARPS, WIDE_ROWS = 8, 32
+# dL/dK = U V^T is rebuilt on a tile in chunks of 16 of its rank r (2d + 3
+# + 2T): tl.dot's least depth pads r the least, and smaller chunks keep
+# the gradient kernels' registers within a thread's (32 spilled inside
+# the tile loop on sm_80 at d = 40)
+R_CHUNK = 16
 
 
 def _launch(kernel, grid, *args, warps: int = WARPS, **meta) -> None:
@@ -134,6 +151,10 @@ def _launch(kernel, grid, *args, warps: int = WARPS, **meta) -> None:
         'MMSETFORMER_SET_BACKEND=reference') from err
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _p2(x: int, least: int = 16) -> int:
     """Power of two >= max(x, least) (16: tl.dot's smallest dimension)."""
     return max(least, 1 << (max(1, x) - 1).bit_length())
@@ -147,10 +168,18 @@ class _Passes:
 
     def __init__(self, x: Tensor, y: Tensor, tp: Tensor, rp: Tensor,
                  Mx: Optional[Tensor] = None):
-        triton, self.k = _triton()
+        self.k = _triton()[1]
+        (self.S, self.n, self.d_x), (self.H, self.m) = x.shape, y.shape[:2]
+        kp = tp.shape[1]
+        if kp and _p2(self.d_x + kp) == _p2(self.d_x):
+            # the position features fit in the dot's padding (SeTformer's
+            # head dims 28 and 40 with 2-D positions): one dot, no
+            # element-wise terms, and dL/drp comes out of dL/dy's columns
+            x = torch.cat([x, tp.expand(self.S, -1, -1)], -1)
+            y = torch.cat([y, rp], -1)
+            tp, rp = tp[:, :0], rp[..., :0]
         self.feats = (x, y, tp, rp)
-        (self.S, self.n, self.d), (self.H, self.m) = x.shape, y.shape[:2]
-        self.kp = tp.shape[1]
+        self.d, self.kp = x.shape[-1], tp.shape[1]
         self.prec = _precision(x.dtype)
         # float64 tiles take twice the shared memory: half the rows
         cap = 32 if x.dtype == torch.float64 else 1 << 30
@@ -161,20 +190,16 @@ class _Passes:
         self.meta = dict(KP=self.kp, BN=self.BN, BM=self.BM, BD=BD,
                          PREC=self.prec)
         self.wide = dict(self.meta, BN=min(self.BN, WIDE_ROWS))
-        # the row-side wide kernels sweep their columns in narrower tiles
-        # under TF32 (which keeps hi / lo halves of each dot's inputs)
-        self.wide_rows = self.wide if self.prec == 'ieee' else dict(
-            self.wide, BM=min(self.BM, WIDE_ROWS))
-        # column passes: m / BM blocks per slice are too few programs for a
-        # GPU, so the rows are split into Z chunks (of whole row tiles of
-        # either height) summed afterwards
-        col_blocks = triton.cdiv(self.m, self.BM)
-        row_blocks = triton.cdiv(self.n, self.BN)
-        z = min(row_blocks, max(1, triton.cdiv(_programs(x),
-                                               col_blocks * self.S)))
-        self.chunk = triton.cdiv(row_blocks, z) * self.BN
-        self.Z = triton.cdiv(self.n, self.chunk)
-        self.cols_grid = (col_blocks, self.S, self.Z)
+        # Under TF32 (which keeps hi / lo halves of each dot's inputs) the
+        # row-side wide kernels sweep their columns in narrower tiles, and
+        # before Hopper (mma.sync, no wgmma) the column-side ones own
+        # narrower column blocks too; else they spill inside their loops
+        narrow = dict(self.wide, BM=min(self.BM, WIDE_ROWS))
+        tf32 = self.prec != 'ieee'
+        self.wide_rows = narrow if tf32 else self.wide
+        self.wide_cols = narrow if tf32 and _capability(x) < (9, 0) \
+            else self.wide
+        self._cols = {}
         self.Mx = Mx
         if Mx is not None:
             return
@@ -183,23 +208,43 @@ class _Passes:
                 self.Mx, self.n, self.m, self.d, self.H, **self.meta)
 
     def _rows_grid(self, meta: dict) -> tuple:
-        return (-(-self.n // meta['BN']), self.S)
+        return (_cdiv(self.n, meta['BN']), self.S)
 
-    def _pass(self, kernel, rows: bool, size, vec, mat, *extra):
+    def cols_grid(self, meta: dict) -> Tuple[tuple, int]:
+        """(grid, chunk) of a column-side kernel: m / BM blocks per slice
+        are too few programs for a GPU, so the rows are split into Z
+        chunks (of whole row tiles of either height) summed afterwards."""
+        if meta['BM'] not in self._cols:
+            col_blocks = _cdiv(self.m, meta['BM'])
+            row_blocks = _cdiv(self.n, self.BN)
+            z = min(row_blocks, max(1, _cdiv(_programs(self.feats[0]),
+                                             col_blocks * self.S)))
+            chunk = _cdiv(row_blocks, z) * self.BN
+            self._cols[meta['BM']] = (
+                (col_blocks, self.S, _cdiv(self.n, chunk)), chunk)
+        return self._cols[meta['BM']]
+
+    def _pass(self, kernel, rows: bool, size, vec, mat):
         meta = self.meta if mat is None else self.wide_rows if rows \
-            else self.wide
-        grid = self._rows_grid(meta) if rows else self.cols_grid
-        parts = 1 if rows else self.Z
-        out_v = vec.new_empty(parts, self.S, size)
+            else self.wide_cols
+        if rows:
+            grid, extra = self._rows_grid(meta), ()
+        else:
+            grid, chunk = self.cols_grid(meta)
+            extra = (chunk, )
+        out_v = vec.new_empty(1 if rows else grid[2], self.S, size)
         out_m = None if mat is None else vec.new_empty(
-            parts, self.S, size, mat.shape[-1])
+            *out_v.shape, mat.shape[-1])
         c = 1 if mat is None else mat.shape[-1]
         _launch(kernel, grid, *self.feats, self.Mx, vec.contiguous(),
                 out_v if mat is None else mat.contiguous(), out_v,
                 out_v if mat is None else out_m, self.n, self.m, self.d, c,
                 self.H, *extra, BC=_p2(c), HAS_MAT=mat is not None, **meta)
-        out_v = out_v.sum(0)
-        return out_v if mat is None else (out_v, out_m.sum(0))
+        # (a row pass writes one part: no reduction to launch)
+        out_v = out_v[0] if rows else out_v.sum(0)
+        if mat is None:
+            return out_v
+        return out_v, out_m[0] if rows else out_m.sum(0)
 
     def rows(self, vec: Tensor, mat: Optional[Tensor] = None):
         """K vec (S, n) [and K mat (S, n, c)] for vec (S, m), mat (S, m, c)."""
@@ -207,8 +252,7 @@ class _Passes:
 
     def cols(self, vec: Tensor, mat: Optional[Tensor] = None):
         """K^T vec (S, m) [and K^T mat (S, m, c)] for vec (S, n), mat."""
-        return self._pass(self.k['col_pass'], False, self.m, vec, mat,
-                          self.chunk)
+        return self._pass(self.k['col_pass'], False, self.m, vec, mat)
 
     def logit_grads(self, U: Tensor, V: Tensor, need_x: bool,
                     need_y: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -216,29 +260,23 @@ class _Passes:
         dL/dK = U V^T (U: (S, n, r), V: (S, m, r))."""
         r = U.shape[-1]
         U, V = U.contiguous(), V.contiguous()
-        BR = _r_chunk(r)
         gx = gy = None
         if need_x:
             gx = self.feats[0].new_empty(self.S, self.n, self.d)
             _launch(self.k['grad_rows'], self._rows_grid(self.wide_rows),
                     *self.feats, self.Mx, U, V, gx, self.n, self.m, self.d,
-                    r, self.H, BR=BR, **self.wide_rows)
+                    r, self.H, BR=R_CHUNK, **self.wide_rows)
+            gx = gx[..., :self.d_x]  # (folded token positions: constants)
         if need_y:
-            gy = U.new_empty(self.Z, self.S, self.m, self.d)
-            gp = U.new_empty(self.Z, self.S, self.m, self.kp)
-            _launch(self.k['grad_cols'], self.cols_grid, *self.feats,
-                    self.Mx, U, V, gy, gp, self.n, self.m, self.d, r,
-                    self.H, self.chunk, BP=_p2(self.kp, 1),
-                    POS_GRAD=self.kp > 0, BR=BR, **self.wide)
+            grid, chunk = self.cols_grid(self.wide_cols)
+            gy = U.new_empty(grid[2], self.S, self.m, self.d)
+            gp = U.new_empty(grid[2], self.S, self.m, self.kp)
+            _launch(self.k['grad_cols'], grid, *self.feats, self.Mx, U, V,
+                    gy, gp, self.n, self.m, self.d, r, self.H, chunk,
+                    BP=_p2(self.kp, 1), POS_GRAD=self.kp > 0, BR=R_CHUNK,
+                    **self.wide_cols)
             gy = torch.cat([gy, gp], -1).sum(0)
         return gx, gy
-
-
-def _r_chunk(r: int) -> int:
-    """Chunk of dL/dK's rank r for ``_grad_tile``: 32, or 16 where that
-    pads r by 16 less (r = 73 for d = 32, T = 3: 80 instead of 96)."""
-    pad = {b: -r % b for b in (32, 16)}
-    return 16 if pad[32] - pad[16] >= 16 else 32
 
 
 def _top(x: Tensor) -> Tensor:
