@@ -749,13 +749,20 @@ def main(argv=None) -> int:
 
 def _main(args, work_dir: str, state_path: str, out_dir: str) -> int:
     state = load_state(state_path)
-    report_path = osp.join(out_dir, 'accuracy.json')
     if not osp.isfile(state_path):
-        seeded = state_from_report(report_path)
-        if seeded is not None:
-            state = seeded
-            print(f'{state_path} does not exist: starting from the '
-                  f'{len(state["runs"])} finished run(s) in {report_path}')
+        # a fresh clone has no work dir: continue from the report in --out
+        # (a report alone may also be rebuilt from the committed one)
+        reports = [osp.join(out_dir, 'accuracy.json')]
+        if args.report_only:
+            reports.append(osp.join(ROOT, 'results', 'accuracy.json'))
+        for report_path in dict.fromkeys(reports):
+            seeded = state_from_report(report_path)
+            if seeded is not None:
+                state = seeded
+                print(f'{state_path} does not exist: starting from the '
+                      f'{len(state["runs"])} finished run(s) in '
+                      f'{report_path}')
+                break
     if args.report_only:
         if not state['runs']:
             raise SystemExit(f'no runs recorded in {state_path}')
