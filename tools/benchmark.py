@@ -276,6 +276,7 @@ def bench_operator(args, device, report):
              'SeT (reference)': _forced(set_op, 'reference')}
     if cuda:
         impls['SeT (triton)'] = _forced(set_op, 'triton')
+        impls['SeT (triton, tf32x3)'] = _forced(set_op, 'triton', 'tf32x3')
     report['operator']['kernels'] = dict(
         n=side * side, what='CUDA kernel' if cuda else 'operator', rows=[
             dict(impl=k, **r) for k, fn in impls.items()
