@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .set_attention import _grads_from_slices, _safe_div, _safe_div_grad, _unit
+from .set_attention import _grads_from_slices, _unit
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
@@ -240,11 +240,9 @@ class _Passes:
                 out_v if mat is None else mat.contiguous(), out_v,
                 out_v if mat is None else out_m, self.n, self.m, self.d, c,
                 self.H, *extra, BC=_p2(c), HAS_MAT=mat is not None, **meta)
-        # (a row pass writes one part: no reduction to launch)
-        out_v = out_v[0] if rows else out_v.sum(0)
         if mat is None:
-            return out_v
-        return out_v, out_m[0] if rows else out_m.sum(0)
+            return _parts_sum(out_v)
+        return _parts_sum(out_v), _parts_sum(out_m)
 
     def rows(self, vec: Tensor, mat: Optional[Tensor] = None):
         """K vec (S, n) [and K mat (S, n, c)] for vec (S, m), mat (S, m, c)."""
@@ -275,8 +273,26 @@ class _Passes:
                     gy, gp, self.n, self.m, self.d, r, self.H, chunk,
                     BP=_p2(self.kp, 1), POS_GRAD=self.kp > 0, BR=R_CHUNK,
                     **self.wide_cols)
-            gy = torch.cat([gy, gp], -1).sum(0)
+            gy = _parts_sum(torch.cat([gy, gp], -1))
         return gx, gy
+
+
+def _parts_sum(x: Tensor) -> Tensor:
+    """The sum of a column pass's Z partial results (Z, ...); one part
+    (every row pass, and small n) launches nothing."""
+    return x[0] if x.shape[0] == 1 else x.sum(0)
+
+
+# _safe_div and _safe_div_grad of the reference without their guard of an
+# autograd graph (none runs through the fused functions' own steps): one
+# where instead of two, and no ones / zeros tensors, between the launches
+def _div0(num, den: Tensor) -> Tensor:
+    return torch.where(den > torch.finfo(den.dtype).tiny, num / den, 0.)
+
+
+def _div0_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den > torch.finfo(den.dtype).tiny, -g * out / den,
+                       0.)
 
 
 def _top(x: Tensor) -> Tensor:
@@ -313,12 +329,12 @@ class SeTTritonFunction(torch.autograd.Function):
         steps = []
         for _ in range(num_iters):
             u = ops.rows(b)
-            a = _safe_div(1.0 / n, u)
+            a = _div0(1.0 / n, u)
             s = ops.cols(a)
             steps.append((b, u, a, s))
-            b = _safe_div(1.0 / m, s)
+            b = _div0(1.0 / m, s)
         u = ops.rows(b)
-        a = _safe_div(1.0 / n, u)
+        a = _div0(1.0 / n, u)
         a_top, b_top = _top(a), _top(b)
         a_hat, b_hat = a / a_top, b / b_top
         # z = K^T [a^ v] / K^T a^;  y = K [b^ z] / K b^
@@ -367,7 +383,7 @@ class SeTTritonFunction(torch.autograd.Function):
         ga = ((v3 * gX4_m).sum(-1) + gX4_v) / a_top
         gb = gb_hat / b_top
         # Sinkhorn in reverse, as the reference backward
-        gu = _safe_div_grad(ga, a_T, u_T)
+        gu = _div0_grad(ga, a_T, u_T)
         left.append(gu.unsqueeze(-1))
         right.append(b_T.unsqueeze(-1))
         gb = gb + ops.cols(gu)
@@ -375,10 +391,10 @@ class SeTTritonFunction(torch.autograd.Function):
         for t in reversed(range(T)):
             b_t, u_t, a_t, s_t = steps[t]
             b_next = steps[t + 1][0] if t + 1 < T else b_T
-            gs = _safe_div_grad(gb, b_next, s_t)
+            gs = _div0_grad(gb, b_next, s_t)
             left.append(a_t.unsqueeze(-1))
             right.append(gs.unsqueeze(-1))
-            gu = _safe_div_grad(ops.rows(gs), a_t, u_t)
+            gu = _div0_grad(ops.rows(gs), a_t, u_t)
             left.append(gu.unsqueeze(-1))
             right.append(b_t.unsqueeze(-1))
             if t > 0:
