@@ -120,8 +120,9 @@ _STAGES_THAT_FIT = {}  # (kernel, warps, constexprs, device) -> depth
 # past 32, else 64.  With fewer warps or taller tiles, live tiles overflow
 # the 255 registers of a thread on some GPU and spill to local memory
 # (``tools/triton_report.py`` shows it on any machine: e.g. sm_80 at 64
-# rows, d = 32); ``test_triton_kernels_fit_gpus`` keeps d = 32 spill-free
-# on sm_80, sm_86 and sm_90 in fp32, and on sm_90 in 3xTF32.
+# rows, d = 32); ``test_triton_kernels_fit_gpus`` keeps the tile loops
+# free of spills at d = 28, 32 and 40 on sm_80, sm_86 and sm_90, in fp32
+# and 3xTF32.
 WARPS, WIDE_ROWS = 8, 32
 # dL/dK = U V^T is rebuilt on a tile in chunks of 16 of its rank r (2d + 3
 # + 2T): tl.dot's least depth pads r the least, and smaller chunks keep
