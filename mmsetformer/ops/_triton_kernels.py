@@ -122,7 +122,9 @@ def _col_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
     out = z * tl.num_programs(1) + s  # (z, s) row of the partial outputs
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
     y = _load(Y, s % heads, cols, m, d, BD)
-    acc_v = tl.zeros([BM], OutVec.dtype.element_ty)
+    # the tiles' products, summed over their rows once after the loop: a
+    # sum over rows per tile crosses warps (shuffles and barriers per tile)
+    acc_v = tl.zeros([BN, BM], OutVec.dtype.element_ty)
     acc_m = tl.zeros([BM, BC], OutVec.dtype.element_ty)
     for i0 in range(z * chunk, tl.minimum(z * chunk + chunk, n), BN):
         rows = i0 + tl.arange(0, BN)
@@ -131,11 +133,11 @@ def _col_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
                                s % heads, rows, cols, n, m, KP, PREC),
                        mx)
         vec = tl.load(Vec + s * n + rows, mask=rows < n, other=0.)
-        acc_v += tl.sum(K * vec[:, None], axis=0)
+        acc_v += K * vec[:, None]
         if HAS_MAT:
             acc_m += tl.dot(tl.trans(K), _load(Mat, s, rows, n, c, BC),
                             input_precision=PREC)
-    tl.store(OutVec + out * m + cols, acc_v, mask=cols < m)
+    tl.store(OutVec + out * m + cols, tl.sum(acc_v, axis=0), mask=cols < m)
     if HAS_MAT:
         cc = tl.arange(0, BC)
         tl.store(OutMat + (out * m + cols[:, None]) * c + cc[None, :],
