@@ -529,6 +529,37 @@ def test_triton_launch_falls_back_to_shallower_pipelines(monkeypatch):
         fused_triton._launch(Kernel(fits=0), (1, ), x, BN=64)
 
 
+def test_triton_pre_hopper_tf32_tiles_match_reference(monkeypatch):
+    """Under TF32 before Hopper the column-side matrix and gradient kernels
+    own 32 references instead of 64 (their own grid and row chunks): the
+    result is the same function.  (The interpreter runs every dot in
+    fp32, so this checks the tiling, not TF32's rounding.)"""
+    q, v, r = _inputs(2, 2, 54, 70, 8, torch.float32, seed=6)
+    if _available('triton', q):
+        pytest.skip(_available('triton', q))
+    if not fused_triton._interpreting():
+        pytest.skip('a GPU chooses its own tiles')
+    monkeypatch.setattr(fused_triton, 'INTERPRETED_CC', (8, 0))
+    monkeypatch.setenv('MMSETFORMER_SET_PRECISION', 'tf32x3')
+    launched, launch = [], fused_triton._launch
+
+    def record(kernel, grid, *args, **meta):
+        launched.append((kernel.fn.__name__, meta.get('HAS_MAT', True),
+                         meta['BM']))
+        launch(kernel, grid, *args, **meta)
+    monkeypatch.setattr(fused_triton, '_launch', record)
+    kw = dict(eps=0.3, num_iters=2, pos=_pos((6, 9), (7, 10), torch.float32),
+              sigma=0.5)
+    ours, ref = _run('triton', q, v, r, **kw), _run('reference', q, v, r, **kw)
+    assert {bm for name, mat, bm in launched
+            if name in ('_col_pass', '_grad_cols') and mat} == {32}
+    assert {bm for name, mat, bm in launched if name == '_row_max'} == {64}
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        tol = 1e-5 * b.abs().max().item() + 1e-7
+        assert (a - b).abs().max().item() <= tol, \
+            (name, (a - b).abs().max().item(), tol)
+
+
 def _triton_report(ptxas: bool = True):
     """tools/triton_report.py, the ahead-of-time compiler of the kernels
     (skips without Triton's ptxas where ``ptxas``)."""
