@@ -177,13 +177,11 @@ def _res_usage(cubin: bytes, bindir: str) -> dict:
     loops = [(int(t, 16), a) for a, op, rest in code if op == 'BRA'
              for t in re.findall(r'0x([0-9a-f]+)', rest)[-1:]
              if int(t, 16) < a]
-    usage['loops'] = len(loops)
     # the tile loops' bodies: what one tile of K costs a program
-    usage['loop_instructions'] = sum(
-        1 for a, _, _ in code if any(t <= a <= end for t, end in loops))
-    usage['loop_local_ops'] = sum(
-        1 for a, op, _ in code if op in MIX['local_ops']
-        and any(t <= a <= end for t, end in loops))
+    in_loops = [op for a, op, _ in code
+                if any(t <= a <= end for t, end in loops)]
+    usage.update(loops=len(loops), loop_instructions=len(in_loops),
+                 loop_local_ops=sum(op in MIX['local_ops'] for op in in_loops))
     return usage
 
 
