@@ -607,6 +607,24 @@ def test_triton_kernels_fit_gpus(d):
         assert r['loop_local_ops'] == 0, r
 
 
+def test_triton_float64_kernels_compile_for_gpus():
+    """The float64 launches (the CUDA tests hold the kernels to the dense
+    float64 reference with them) compile for sm_80 and sm_90, whose fp64
+    tensor cores their dots use, and fit those GPUs' shared memory; the
+    interpreter never compiles, so a GPU would be the first to find that
+    they do not."""
+    report = _triton_report()
+    q = torch.zeros(1, dtype=torch.float32)
+    if _available('triton', q):  # a GPU host: test_cuda launches them
+        pytest.skip(_available('triton', q))
+    rows = report.compile_forward_backward(28, (80, 90), ('fp64', ))
+    assert {r['kernel'] for r in rows} == {
+        '_row_max', '_row_pass', '_col_pass', '_grad_rows', '_grad_cols'}
+    for r in rows:
+        assert r['ptr'] == 'fp64' and r['mma'] > 0, r
+        assert r['shared'] <= report.SHARED_LIMIT[r['cc']], r
+
+
 def test_tf32_inputs_emulated_3xtf32_as_accurate_as_fp32():
     """tl.dot's TF32 inputs, emulated under the interpreter (which runs
     every dot in fp32): plain TF32 moves SeT's output and gradients by

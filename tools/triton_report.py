@@ -36,10 +36,11 @@ INTS = ('n', 'm', 'd', 'c', 'heads', 'chunk', 'r')  # the kernels' int args
 def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
                     lpe: bool = True, precisions=('ieee', ),
                     cc: int = 90) -> list:
-    """[(kernel name, warps, constexprs)] of one SeT forward + backward at
-    head dim ``d`` in each of ``precisions`` with the tiles chosen for
-    compute capability ``cc`` (tiles may depend on both), run under
-    Triton's interpreter (which must be on before triton is imported:
+    """[(kernel name, warps, constexprs, pointer type)] of one SeT forward
+    + backward at head dim ``d`` in each of ``precisions`` (fp32 inputs at
+    a ``tl.dot`` precision, or ``fp64``: float64 inputs) with the tiles
+    chosen for compute capability ``cc`` (tiles may depend on both), run
+    under Triton's interpreter (which must be on before triton is imported:
     ``TRITON_INTERPRET=1``); the defaults give full 64-wide tiles and
     partial ones."""
     import unittest.mock
@@ -51,8 +52,9 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
     seen, launch = {}, fused_triton._launch
 
     def record(kernel, grid, *args, warps=fused_triton.WARPS, **meta):
-        seen[kernel.fn.__name__, warps,
-             json.dumps(meta, sort_keys=True)] = meta
+        ptr = str(args[0].dtype).replace('torch.float', 'fp')
+        seen[kernel.fn.__name__, warps, json.dumps(meta, sort_keys=True),
+             ptr] = meta
         launch(kernel, grid, *args, warps=warps, **meta)
 
     g = torch.Generator().manual_seed(0)
@@ -67,12 +69,18 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
                                        divmod(cc, 10)), \
             set_backend('triton'):
         for prec in precisions:
+            dtype = torch.float64 if prec == 'fp64' else torch.float32
+            leaves = [t.detach().to(dtype).requires_grad_()
+                      for t in (q, v, r)]
             with unittest.mock.patch.dict(
-                    os.environ, MMSETFORMER_SET_PRECISION=prec):
-                y = set_attention(q, v, r, eps=0.3, num_iters=num_iters,
-                                  pos=pos, sigma=0.5 if lpe else None)
-                torch.autograd.grad(y.sum(), (q, v, r))
-    return [(name, warps, meta) for (name, warps, _), meta in seen.items()]
+                    os.environ, MMSETFORMER_SET_PRECISION=prec
+                    if prec != 'fp64' else 'ieee'):
+                y = set_attention(*leaves, eps=0.3, num_iters=num_iters,
+                                  pos=pos and tuple(p.to(dtype) for p in pos),
+                                  sigma=0.5 if lpe else None)
+                torch.autograd.grad(y.sum(), leaves)
+    return [(name, warps, meta, ptr)
+            for (name, warps, _, ptr), meta in seen.items()]
 
 
 def _tf32(a):
@@ -218,10 +226,10 @@ def _compile_worker() -> None:
     bindir = os.path.join(os.path.dirname(triton.__file__), 'backends',
                           'nvidia', 'bin')
     out = []
-    for name, warps, meta in job['launches']:
+    for name, warps, meta, ptr in job['launches']:
         fn = getattr(_triton_kernels, name)
         sig = {a: 'constexpr' if a in meta else 'i32' if a in INTS
-               else '*fp32' for a in fn.arg_names}
+               else f'*{ptr}' for a in fn.arg_names}
         for cc in job['ccs']:
             for s in job['stages'] or fused_triton.STAGES:
                 k = triton.compile(ASTSource(fn, sig, meta), options=dict(
@@ -230,7 +238,7 @@ def _compile_worker() -> None:
                 if k.metadata.shared <= SHARED_LIMIT[int(cc)]:
                     break
             out.append(dict(kernel=name, warps=warps, meta=meta, cc=int(cc),
-                            stages=s, shared=k.metadata.shared,
+                            ptr=ptr, stages=s, shared=k.metadata.shared,
                             **_res_usage(k.asm['cubin'], bindir)))
     print(json.dumps(out))
 
@@ -242,8 +250,8 @@ def table(rows: list) -> str:
              '| of them in loops | instructions | in loops |',
              '| --- ' * 15 + '|']
     for r in rows:
-        meta = ' '.join(f'{k}={r["meta"][k]}' for k in keys
-                        if k in r['meta'])
+        meta = ' '.join([f'{k}={r["meta"][k]}' for k in keys
+                         if k in r['meta']] + [r['ptr']])
         lines.append(
             f'| {r["kernel"]} | {r["cc"]} | {meta} | {r["warps"]} | '
             f'{r["stages"]} | {r["shared"] / 1024:.0f} | {r["reg"]} | '
@@ -261,7 +269,9 @@ def main():
     p.add_argument('--cc', type=int, nargs='+', default=[86, 90],
                    choices=sorted(SHARED_LIMIT))
     p.add_argument('--precision', nargs='+', default=['ieee'],
-                   choices=('ieee', 'tf32x3', 'tf32'))
+                   choices=('ieee', 'tf32x3', 'tf32', 'fp64'),
+                   help="tl.dot's input precision of fp32 inputs, or fp64 "
+                   'inputs')
     p.add_argument('--no-lpe', action='store_true')
     p.add_argument('--json', help='also write the rows here')
     p.add_argument('--tf32-error', action='store_true',
