@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .set_attention import _grads_from_slices, _unit
+from .set_attention import _grads_from_slices, _safe_div, _safe_div_grad, _unit
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
@@ -284,18 +284,6 @@ def _parts_sum(x: Tensor) -> Tensor:
     return x[0] if x.shape[0] == 1 else x.sum(0)
 
 
-# _safe_div and _safe_div_grad of the reference without their guard of an
-# autograd graph (none runs through the fused functions' own steps): one
-# where instead of two, and no ones / zeros tensors, between the launches
-def _div0(num, den: Tensor) -> Tensor:
-    return torch.where(den > torch.finfo(den.dtype).tiny, num / den, 0.)
-
-
-def _div0_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
-    return torch.where(den > torch.finfo(den.dtype).tiny, -g * out / den,
-                       0.)
-
-
 def _top(x: Tensor) -> Tensor:
     return x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
@@ -330,12 +318,12 @@ class SeTTritonFunction(torch.autograd.Function):
         steps = []
         for _ in range(num_iters):
             u = ops.rows(b)
-            a = _div0(1.0 / n, u)
+            a = _safe_div(1.0 / n, u)
             s = ops.cols(a)
             steps.append((b, u, a, s))
-            b = _div0(1.0 / m, s)
+            b = _safe_div(1.0 / m, s)
         u = ops.rows(b)
-        a = _div0(1.0 / n, u)
+        a = _safe_div(1.0 / n, u)
         a_top, b_top = _top(a), _top(b)
         a_hat, b_hat = a / a_top, b / b_top
         # z = K^T [a^ v] / K^T a^;  y = K [b^ z] / K b^
@@ -384,7 +372,7 @@ class SeTTritonFunction(torch.autograd.Function):
         ga = ((v3 * gX4_m).sum(-1) + gX4_v) / a_top
         gb = gb_hat / b_top
         # Sinkhorn in reverse, as the reference backward
-        gu = _div0_grad(ga, a_T, u_T)
+        gu = _safe_div_grad(ga, a_T, u_T)
         left.append(gu.unsqueeze(-1))
         right.append(b_T.unsqueeze(-1))
         gb = gb + ops.cols(gu)
@@ -392,10 +380,10 @@ class SeTTritonFunction(torch.autograd.Function):
         for t in reversed(range(T)):
             b_t, u_t, a_t, s_t = steps[t]
             b_next = steps[t + 1][0] if t + 1 < T else b_T
-            gs = _div0_grad(gb, b_next, s_t)
+            gs = _safe_div_grad(gb, b_next, s_t)
             left.append(a_t.unsqueeze(-1))
             right.append(gs.unsqueeze(-1))
-            gu = _div0_grad(ops.rows(gs), a_t, u_t)
+            gu = _safe_div_grad(ops.rows(gs), a_t, u_t)
             left.append(gu.unsqueeze(-1))
             right.append(b_t.unsqueeze(-1))
             if t > 0:

@@ -246,15 +246,13 @@ def _safe_div(num, den: Tensor) -> Tensor:
     scalings' range intact. The inner ``where`` keeps inf out of the
     backward pass too (grad of 1/den at den=0)."""
     ok = den > torch.finfo(den.dtype).tiny
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)),
-                       torch.zeros_like(den))
+    return torch.where(ok, num / torch.where(ok, den, 1.), 0.)
 
 
 def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
     """Gradient w.r.t. ``den`` of ``out = num / den`` (0 where guarded)."""
     ok = den > torch.finfo(den.dtype).tiny
-    safe_den = torch.where(ok, den, torch.ones_like(den))
-    return torch.where(ok, -g * out / safe_den, torch.zeros_like(den))
+    return torch.where(ok, -g * out / torch.where(ok, den, 1.), 0.)
 
 
 # The fused kernels work on slices: (B*h, n, .) tokens, (h, m, d')
