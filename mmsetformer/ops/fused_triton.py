@@ -200,7 +200,6 @@ class _Passes:
         self.wide_rows = narrow if tf32 else self.wide
         self.wide_cols = narrow if tf32 and _capability(x) < (9, 0) \
             else self.wide
-        self._cols = {}
         self.Mx = Mx
         if Mx is not None:
             return
@@ -211,19 +210,16 @@ class _Passes:
     def _rows_grid(self, meta: dict) -> tuple:
         return (_cdiv(self.n, meta['BN']), self.S)
 
-    def cols_grid(self, meta: dict) -> Tuple[tuple, int]:
+    def _cols_grid(self, meta: dict) -> Tuple[tuple, int]:
         """(grid, chunk) of a column-side kernel: m / BM blocks per slice
         are too few programs for a GPU, so the rows are split into Z
         chunks (of whole row tiles of either height) summed afterwards."""
-        if meta['BM'] not in self._cols:
-            col_blocks = _cdiv(self.m, meta['BM'])
-            row_blocks = _cdiv(self.n, self.BN)
-            z = min(row_blocks, max(1, _cdiv(_programs(self.feats[0]),
-                                             col_blocks * self.S)))
-            chunk = _cdiv(row_blocks, z) * self.BN
-            self._cols[meta['BM']] = (
-                (col_blocks, self.S, _cdiv(self.n, chunk)), chunk)
-        return self._cols[meta['BM']]
+        col_blocks = _cdiv(self.m, meta['BM'])
+        row_blocks = _cdiv(self.n, self.BN)
+        z = min(row_blocks, max(1, _cdiv(_programs(self.feats[0]),
+                                         col_blocks * self.S)))
+        chunk = _cdiv(row_blocks, z) * self.BN
+        return (col_blocks, self.S, _cdiv(self.n, chunk)), chunk
 
     def _pass(self, kernel, rows: bool, size, vec, mat):
         meta = self.meta if mat is None else self.wide_rows if rows \
@@ -231,7 +227,7 @@ class _Passes:
         if rows:
             grid, extra = self._rows_grid(meta), ()
         else:
-            grid, chunk = self.cols_grid(meta)
+            grid, chunk = self._cols_grid(meta)
             extra = (chunk, )
         out_v = vec.new_empty(1 if rows else grid[2], self.S, size)
         out_m = None if mat is None else vec.new_empty(
@@ -267,7 +263,7 @@ class _Passes:
                     r, self.H, BR=R_CHUNK, **self.wide_rows)
             gx = gx[..., :self.d_x]  # (folded token positions: constants)
         if need_y:
-            grid, chunk = self.cols_grid(self.wide_cols)
+            grid, chunk = self._cols_grid(self.wide_cols)
             gy = U.new_empty(grid[2], self.S, self.m, self.d)
             gp = U.new_empty(grid[2], self.S, self.m, self.kp)
             _launch(self.k['grad_cols'], grid, *self.feats, self.Mx, U, V,
