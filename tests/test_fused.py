@@ -562,8 +562,13 @@ def test_triton_pre_hopper_tf32_tiles_match_reference(monkeypatch):
 
 def _triton_report(ptxas: bool = True):
     """tools/triton_report.py, the ahead-of-time compiler of the kernels
-    (skips without Triton's ptxas where ``ptxas``)."""
+    (where ``ptxas``: skips without Triton's ptxas, and on a GPU host,
+    where test_cuda launches the kernels and the interpreter that records
+    their launches is off)."""
     pytest.importorskip('triton')
+    reason = _available('triton', torch.zeros(1))
+    if ptxas and reason:
+        pytest.skip(reason)
     try:
         if ptxas:
             from triton.backends.nvidia.compiler import get_ptxas
@@ -589,9 +594,6 @@ def test_triton_kernels_fit_gpus(d):
     4 position features ride in the dot's padding instead of element-wise
     terms."""
     report = _triton_report()
-    q = torch.zeros(1, dtype=torch.float32)
-    if _available('triton', q):  # a GPU host: test_cuda launches them
-        pytest.skip(_available('triton', q))
     rows = report.compile_forward_backward(d, (80, 86, 90),
                                            ('ieee', 'tf32x3'))
     for cc in (80, 86, 90):
@@ -614,9 +616,6 @@ def test_triton_float64_kernels_compile_for_gpus():
     interpreter never compiles, so a GPU would be the first to find that
     they do not."""
     report = _triton_report()
-    q = torch.zeros(1, dtype=torch.float32)
-    if _available('triton', q):  # a GPU host: test_cuda launches them
-        pytest.skip(_available('triton', q))
     rows = report.compile_forward_backward(28, (80, 90), ('fp64', ))
     assert {r['kernel'] for r in rows} == {
         '_row_max', '_row_pass', '_col_pass', '_grad_rows', '_grad_cols'}
