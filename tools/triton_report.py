@@ -59,9 +59,8 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
 
     g = torch.Generator().manual_seed(0)
     n = n_side[0] * n_side[1]
-    q, v = (torch.randn(1, 1, n, d, generator=g).requires_grad_()
-            for _ in range(2))
-    r = torch.randn(1, m, d, generator=g).requires_grad_()
+    q, v = (torch.randn(1, 1, n, d, generator=g) for _ in range(2))
+    r = torch.randn(1, m, d, generator=g)
     pos = (grid_positions(*n_side), grid_positions(6, (m + 5) // 6)[:m]) \
         if lpe else None
     with unittest.mock.patch.object(fused_triton, '_launch', record), \
@@ -70,8 +69,7 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
             set_backend('triton'):
         for prec in precisions:
             dtype = torch.float64 if prec == 'fp64' else torch.float32
-            leaves = [t.detach().to(dtype).requires_grad_()
-                      for t in (q, v, r)]
+            leaves = [t.to(dtype).requires_grad_() for t in (q, v, r)]
             with unittest.mock.patch.dict(
                     os.environ, MMSETFORMER_SET_PRECISION=prec
                     if prec != 'fp64' else 'ieee'):
