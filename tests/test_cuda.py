@@ -162,6 +162,48 @@ def test_fused_path_allocates_no_n_by_m_buffer_on_cuda():
     assert grow['reference'] > extra_kernel, (grow, peaks)  # can fail
 
 
+# -- no host-device synchronisation ------------------------------------------
+def _runs_without_syncing(step):
+    """``step`` after a warm-up call (the kernels compile there), with any
+    host-device synchronisation an error: an ``.item()``, a host copy or a
+    data-dependent shape inside a layer would stall the CPU until the GPU
+    drains, once per layer, and leave the GPU idle while it launches the
+    rest."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize('backend', ['reference', 'triton'])
+def test_set_forward_and_backward_never_sync(backend):
+    dev, _, pos = _case(torch.float32)
+    pos = tuple(p.to('cuda', torch.float32) for p in pos)
+
+    def step():
+        with set_backend(backend):
+            y = set_attention(*dev, pos=pos, eps=0.3, num_iters=3, sigma=0.6)
+        y.square().mean().backward()
+    _runs_without_syncing(step)
+
+
+@pytest.mark.parametrize('backend', ['auto', 'triton'])
+def test_setformer_training_step_never_syncs(backend):
+    from mmsetformer.models import SeTformer
+    model = SeTformer('t', num_refs=64, drop_path_rate=0.1).cuda().train()
+    x = torch.randn(2, 3, 128, 160, device='cuda')
+
+    def step():
+        with set_backend(backend):
+            loss = sum(o.float().square().mean() for o in model(x))
+        loss.backward()
+    _runs_without_syncing(step)
+
+
 # -- whole models on CUDA: AMP training steps and inference ----------------
 def _det_batch(batch=2, shape=(256, 320)):
     from mmdet.testing import demo_mm_inputs

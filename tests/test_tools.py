@@ -232,6 +232,26 @@ def test_benchmark_forces_each_set_variant():
             os.environ.get('MMSETFORMER_SET_PRECISION')) == before
 
 
+def test_benchmark_reports_gpu_busy_where_measured():
+    """On CUDA each backbone row carries the share of its step the GPU's
+    kernels took (below 1 where the step waits for launches): a column
+    then, none on the CPU."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    rows = [dict(setting='224x224, batch 64', mode='inference', model=k,
+                 batch=64, time=t, peak_mem=2**20, params=1e6, flops=1e9,
+                 busy=busy) for k, t, busy in (('SeTformer-T', 0.2, 0.4),
+                                               ('Swin-T', 0.1, 0.97))]
+    report = dict(machine='x', date='d', quick=False, backbone=rows)
+    lines = benchmark.to_markdown(report).splitlines()
+    table = [ln for ln in lines if ln.startswith('| 224x224')]
+    assert [ln.split('|')[-2].strip() for ln in table] == ['40%', '97%']
+    assert any(ln.endswith(' GPU busy |') for ln in lines)
+    for r in rows:
+        del r['busy']
+    assert 'GPU busy' not in benchmark.to_markdown(report)
+
+
 def test_benchmark_quick_smoke(tmp_path):
     out = str(tmp_path / 'bench')
     run([PY, 'tools/benchmark.py', '--quick', '--out', out,

@@ -28,6 +28,7 @@ the timed runs); on CUDA it is the allocator peak.
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import importlib
 import json
@@ -175,6 +176,7 @@ def bench_operator(args, device, report):
         else [56, 112, 224]
     m, heads, d = (64, 2, 32) if args.quick else (750, 2, 32)
     eps, sigma, T = 0.3, 0.8, 3
+    kw = dict(eps=eps, num_iters=T, sigma=sigma)
     rows = []
     grid = reference_grid(m)
     ref_pos = grid_positions(*grid, device=device)
@@ -185,10 +187,7 @@ def bench_operator(args, device, report):
         pos = (grid_positions(*hw, device=device), ref_pos)
         leaves = (q, k, v, refs)
 
-        def set_op():
-            return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
-                                 sigma=sigma)
-
+        set_op = functools.partial(set_attention, q, v, refs, pos=pos, **kw)
         fns = {
             'SeT': set_op,
             'SeT (reference)': _forced(set_op, 'reference'),
@@ -230,8 +229,7 @@ def bench_operator(args, device, report):
         if side == sides[0]:
             with torch.no_grad(), set_backend('reference'):
                 y64 = set_attention(q.double(), v.double(), refs.double(),
-                                    eps=eps, num_iters=T, pos=pos,
-                                    sigma=sigma)
+                                    pos=pos, **kw)
             accuracy = _accuracy({k: f for k, f in fns.items()
                                   if k.startswith('SeT')}, y64)
         big_sdpa = n > 20000 and device.type == 'cpu'
@@ -261,18 +259,14 @@ def bench_operator(args, device, report):
                               accuracy=accuracy)
     if cuda and not args.quick:
         report['operator']['batched'] = _batched_tokens(
-            args, device, sides[:3], dict(eps=eps, num_iters=T, sigma=sigma),
-            m, heads, d)
+            args, device, sides[:3], kw, m, heads, d)
     # where the time of SeT's forward + backward goes, at the largest n up
     # to 50176 (the next GPU session reads its kernels' shares here)
     side = max(s for s in sides if s * s <= 50176)
     q, _, v, refs = _operator_inputs(1, heads, side * side, m, d, device)
     pos = (grid_positions(side, side, device=device), ref_pos)
 
-    def set_op():
-        return set_attention(q, v, refs, eps=eps, num_iters=T, pos=pos,
-                             sigma=sigma)
-
+    set_op = functools.partial(set_attention, q, v, refs, pos=pos, **kw)
     impls = {'SeT': set_op,
              'SeT (reference)': _forced(set_op, 'reference')}
     if cuda:
@@ -541,10 +535,17 @@ def bench_backbone(args, device, report):
                                  params=cplx[k]['params'],
                                  flops=cplx[k]['flops'],
                                  num_refs=m if 'SeT' in k else None))
+                if cuda:
+                    # the GPU's kernels' time over the step's: well below
+                    # 1, the step waits for the CPU to issue its launches
+                    rows[-1]['busy'] = sum(r['ms'] for r in kernel_times(
+                        fn, device)) / 1e3 / times[k]
                 print(f'  backbone {label:18s} {mode:21s} {k:27s} '
                       f'{times[k]:7.3f} s {b / times[k]:8.1f} img/s '
                       f'{mem / 2**20:8.0f} MiB '
-                      f'{cplx[k]["flops"] / 1e9:7.1f} GFLOPs', flush=True)
+                      f'{cplx[k]["flops"] / 1e9:7.1f} GFLOPs' + (
+                          f' GPU busy {rows[-1]["busy"]:.0%}' if cuda
+                          else ''), flush=True)
         del models
         gc.collect()
     report['backbone'] = rows
@@ -791,11 +792,16 @@ def to_markdown(report) -> str:
         swin = {'mmdet': "mmdet's SwinTransformer",
                 'timm': "timm's swin_*_patch4_window7 (features_only)"}[
                     report.get('swin', 'mmdet')]
+        busy = all('busy' in r for r in report['backbone'])
         out += ['**Backbones** (SeTformer at the paper\'s m for the task: '
-                f'500 at 224², 750 at 800×1344; Swin: {swin}):', '',
+                f'500 at 224², 750 at 800×1344; Swin: {swin}' + (
+                    '; GPU busy: the time of its kernels (torch.profiler) '
+                    'over the step\'s, well below 100 % where the step waits '
+                    'for the CPU to launch them' if busy else '') + '):', '',
                 '| setting | mode | model | time s | img/s | time vs Swin-T | '
-                'peak MiB | memory vs Swin-T | params M | GFLOPs |',
-                '|' + ' --- |' * 10]
+                'peak MiB | memory vs Swin-T | params M | GFLOPs |' + (
+                    ' GPU busy |' if busy else ''),
+                '|' + ' --- |' * (10 + busy)]
         ref = {(r['setting'], r['mode']): r for r in report['backbone']
                if r['model'] == 'Swin-T'}
         for r in report['backbone']:
@@ -805,7 +811,8 @@ def to_markdown(report) -> str:
                 f'{r["time"]:.3f} | {r.get("batch", 1) / r["time"]:.1f} | '
                 f'{r["time"] / s["time"]:.2f} | '
                 f'{_mib(r["peak_mem"])} | {r["peak_mem"] / s["peak_mem"]:.2f}'
-                f' | {r["params"] / 1e6:.1f} | {r["flops"] / 1e9:.1f} |')
+                f' | {r["params"] / 1e6:.1f} | {r["flops"] / 1e9:.1f} |' + (
+                    f' {r["busy"]:.0%} |' if busy else ''))
         out.append('')
     if 'model' in report:
         out += ['**Whole models**, inference (batch 1, predict mode with '
