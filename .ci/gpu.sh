@@ -15,8 +15,8 @@
 # (the stack's wheels and mmcv's sdist, ~15 MB, into the git-ignored
 # .whl/), then one device run, carrying .whl, of `bash .ci/gpu.sh session`:
 # the operator's CUDA tests and the backbone benchmark (Swin from timm;
-# SeTformer-T as auto runs it and with the Triton kernels in fp32 and
-# 3xTF32) run while mmcv builds in the background, then the model tests (AMP,
+# SeTformer-T as auto measures it, and with the reference and the Triton
+# kernels in fp32 and 3xTF32) run while mmcv builds in the background, then the model tests (AMP,
 # NCCL) and the whole-model benchmark.  Every step's log and results go
 # to $OUT as they finish, so a run stopped at its time limit still
 # returns them; the built mmcv wheel comes back in <= 15 MiB parts when

@@ -41,6 +41,11 @@ def test_matches_dense_float64_on_cuda(backend, dtype):
         assert err <= tol * (1 + b.abs().max().item()), (name, err)
 
 
+def test_auto_measures_once_per_size_class_on_cuda(monkeypatch):
+    from test_fused import check_auto_measures
+    check_auto_measures(monkeypatch, 'cuda')
+
+
 @pytest.mark.parametrize('precision', ['tf32x3', 'tf32'])
 def test_tf32_error_is_reported(precision, monkeypatch, capsys):
     """Not a gate: prints the error of TF32 inputs to tl.dot against the

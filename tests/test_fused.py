@@ -7,6 +7,7 @@ import importlib
 import os.path as osp
 import platform
 import sys
+import time
 
 import pytest
 import torch
@@ -271,6 +272,150 @@ def test_backend_errors_are_clear(monkeypatch):
     # auto falls back to the reference
     y = set_attention(q, q, q[0], eps=0.3, num_iters=1)
     assert torch.isfinite(y).all()
+
+
+def _measuring(monkeypatch, q, v, r, pos, **kw):
+    """A fresh record of measured choices, a reference that takes 0.1 s
+    longer (counting its calls), and a trial of the call (q, v, r)."""
+    monkeypatch.setattr(set_attention_module, '_MEASURED', {})
+    calls = []
+
+    class SlowReference(set_attention_module._SeTFunction):
+        backend = 'slow reference'
+
+        @staticmethod
+        def forward(ctx, *args):
+            calls.append(1)
+            time.sleep(0.1)
+            return set_attention_module._SeTFunction.forward(ctx, *args)
+
+    trial = set_attention_module._Trial(
+        (q, r, v, kw['eps'], kw['num_iters'], pos, kw['sigma']))
+    return SlowReference, calls, trial
+
+
+def test_measured_choice_is_the_faster_once_per_size_class(monkeypatch):
+    """``auto``'s measured choice (CUDA): each candidate runs the call at
+    hand (forward + backward when one follows) on detached copies, the
+    faster is kept for the size class; the call's inputs get no gradient
+    from the trials."""
+    q, v, r = _inputs(2, 2, 30, 12, 8, torch.float32, seed=5)
+    tok, ref = _pos((5, 6), (3, 4), torch.float32)
+    ref.requires_grad_()  # learned reference positions
+    kw = dict(eps=0.3, num_iters=2, sigma=0.5)
+    Slow, calls, trial = _measuring(monkeypatch, q, v, r, (tok, ref), **kw)
+    fastest = set_attention_module.fastest
+    Ref = set_attention_module._SeTFunction
+    size = set_attention_module._size_class(q, r.shape[1])
+    assert fastest((Slow, Ref), size, trial) is Ref
+    assert len(calls) == 3  # a warm-up and two timed calls
+    assert fastest((Slow, Ref), size, trial) is Ref
+    assert len(calls) == 3  # the choice is reused
+    (seen, ) = set_attention_module.measured_choices()
+    assert seen['choice'] == 'reference'
+    assert seen['times']['slow reference'] > 0.1
+    assert (seen['dtype'], seen['d'], seen['bits'], seen['num_iters'],
+            seen['lpe'], seen['backward']) == ('float32', 8, 11, 2, True,
+                                               True)  # 1440 < 2**11
+    assert all(t.grad is None for t in (q, v, r, ref))
+    with torch.no_grad():  # forward only: another class
+        assert fastest((Ref, Slow), size, trial) is Ref
+    assert len(calls) == 6
+    assert [c['backward'] for c in
+            set_attention_module.measured_choices()] == [True, False]
+
+    class Failing(Ref):
+        backend = 'failing'
+
+        @staticmethod
+        def forward(ctx, *args):
+            raise RuntimeError('out of resources')
+    with pytest.warns(UserWarning, match='failing implementation failed'):
+        assert fastest((Failing, Slow), size + ('other', ), trial) is Slow
+    assert set_attention_module.measured_choices()[-1]['times'][
+        'failing'] == float('inf')
+    # not measuring (a CUDA graph being captured): the choice made, if any
+    assert fastest((Slow, Ref), size, trial, measure=False) is Ref
+    assert fastest((Slow, Ref), size + ('new', ), trial, measure=False) \
+        is Slow
+    assert len(calls) == 6 + 3  # (3 in the failing class's measuring)
+
+
+def check_auto_measures(monkeypatch, device):
+    """``auto`` where it considers the Triton kernels (CUDA) times them
+    against the reference on the call at hand, once per size class, and
+    runs the faster; with MMSETFORMER_SET_MEASURE=0 or deterministic
+    algorithms it measures nothing and runs the reference."""
+    m = set_attention_module
+    monkeypatch.setattr(m, '_MEASURED', {})
+    q, v, r = (t.detach().to(device).requires_grad_()
+               for t in _inputs(1, 2, 12, 6, 8, torch.float32, seed=7))
+    pos = tuple(p.to(device) for p in _pos((3, 4), (2, 3), torch.float32))
+    kw = dict(eps=0.3, num_iters=3, sigma=0.6)
+    chosen = []
+    real = m._apply
+
+    def spy(fn, *args):
+        chosen.append(fn.backend)
+        return real(fn, *args)
+    monkeypatch.setattr(m, '_apply', spy)
+    for _ in range(2):
+        set_attention(q, v, r, pos=pos, **kw).sum().backward()
+    (seen, ) = m.measured_choices()
+    assert set(seen['times']) == {'reference', 'triton'}, seen
+    assert seen['choice'] == min(seen['times'], key=seen['times'].get)
+    assert seen['backward'] and seen['device'].startswith(device)
+    # 3 trial calls per candidate, then the chosen one, twice
+    assert chosen[-2:] == [seen['choice']] * 2 and len(chosen) == 6 + 2
+    print(seen)
+    monkeypatch.setattr(m, '_MEASURED', {})
+    monkeypatch.setattr(m, 'MEASURE', False)
+    chosen.clear()
+    set_attention(q, v, r, pos=pos, **kw)
+    assert chosen == ['reference'] and not m.measured_choices()
+    monkeypatch.setattr(m, 'MEASURE', True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        set_attention(q, v, r, pos=pos, **kw)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert chosen == ['reference'] * 2 and not m.measured_choices()
+
+
+def test_auto_measures_where_it_considers_triton(monkeypatch):
+    """As on CUDA, here with the CPU in the Triton kernels' devices (their
+    interpreter; the compiled CPU kernel unavailable): the interpreter is
+    far slower, so the reference is chosen."""
+    monkeypatch.setattr(fused_cpu, '_ext', None)
+    monkeypatch.setattr(set_attention_module, '_TRITON_DEVICES', ('cpu', ))
+    if fused_triton.why_unavailable(torch.zeros(1)):
+        pytest.skip(fused_triton.why_unavailable(torch.zeros(1)))
+    check_auto_measures(monkeypatch, 'cpu')
+
+
+def test_measuring_inside_activation_checkpointing(monkeypatch):
+    """The trial runs inside a checkpointed region's forward: its own
+    saved tensors must not go to the region's hooks, and the region's
+    gradients stay the reference's."""
+    from torch.utils.checkpoint import checkpoint
+    q, v, r = _inputs(1, 2, 20, 6, 8, torch.float32, seed=6)
+    pos = _pos((4, 5), (2, 3), torch.float32)
+    kw = dict(eps=0.3, num_iters=2, sigma=0.5)
+    Slow, calls, trial = _measuring(monkeypatch, q, v, r, pos, **kw)
+    m = set_attention_module
+
+    def region(q, v):
+        t = m._Trial((q, r, v, kw['eps'], kw['num_iters'], pos, kw['sigma']))
+        fn = m.fastest((Slow, m._SeTFunction), ('class', ), t)
+        assert fn is m._SeTFunction
+        return m._apply(fn, q, r, v, kw['eps'], kw['num_iters'], pos,
+                        kw['sigma'])
+
+    ours = _grads(checkpoint(region, q, v, use_reentrant=False), (q, v, r))
+    with set_backend('reference'):
+        ref = _grads(set_attention(q, v, r, pos=pos, **kw), (q, v, r))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('backend', FUSED)

@@ -203,16 +203,16 @@ def test_benchmark_rounds_fit_a_time_budget():
 
 
 def test_benchmark_forces_each_set_variant():
-    """The backbone part's SeTformer-T variants on CUDA run the Triton
-    kernels (fp32, 3xTF32) inside their forward only; on the CPU the
-    reference."""
+    """The backbone part's SeTformer-T variants run the reference and, on
+    CUDA, the Triton kernels (fp32, 3xTF32), inside their forward only."""
     sys.path.insert(0, osp.join(ROOT, 'tools'))
     import benchmark
 
     from mmsetformer.ops import get_backend
     assert {k for k in benchmark.backbones(False, cuda=True)
             if k.startswith('SeTformer-T (')} == {
-        'SeTformer-T (Triton SeT)', 'SeTformer-T (Triton SeT, 3xTF32)'}
+        'SeTformer-T (reference SeT)', 'SeTformer-T (Triton SeT)',
+        'SeTformer-T (Triton SeT, 3xTF32)'}
     assert [k for k in benchmark.backbones(False)
             if k.startswith('SeTformer-T (')] == [
         'SeTformer-T (reference SeT)']
@@ -232,10 +232,10 @@ def test_benchmark_forces_each_set_variant():
             os.environ.get('MMSETFORMER_SET_PRECISION')) == before
 
 
-def test_benchmark_reports_gpu_busy_where_measured():
+def test_benchmark_reports_what_a_gpu_run_measures():
     """On CUDA each backbone row carries the share of its step the GPU's
     kernels took (below 1 where the step waits for launches): a column
-    then, none on the CPU."""
+    then, none on the CPU; and what ``auto`` measured, a table."""
     sys.path.insert(0, osp.join(ROOT, 'tools'))
     import benchmark
     rows = [dict(setting='224x224, batch 64', mode='inference', model=k,
@@ -250,6 +250,12 @@ def test_benchmark_reports_gpu_busy_where_measured():
     for r in rows:
         del r['busy']
     assert 'GPU busy' not in benchmark.to_markdown(report)
+    report['set_choices'] = [dict(
+        bits=21, d=28, num_iters=3, lpe=True, backward=True,
+        precision='ieee', times=dict(reference=0.002, triton=0.0031),
+        choice='reference')]
+    assert '| 2^21 | 28 | 3 | on | yes | ieee | 2.00 | 3.10 | reference |' \
+        in benchmark.to_markdown(report)
 
 
 def test_benchmark_quick_smoke(tmp_path):

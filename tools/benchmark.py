@@ -17,13 +17,14 @@ against the column-marginal error and time). Writes ``benchmark.md``,
 (``benchmark_cuda.*`` on a GPU, where the operator also runs flash
 attention in bf16 and n up to 200704, the backbones run at 224² x 64 and
 800x1344 x 2 in fp32 and fp16 AMP, and the Sinkhorn part is left out).
-``SeT`` is the operator as users get it (``auto``: the CPU's kernel, the
-reference on CUDA); ``SeT (reference)`` and ``SeTformer-T (reference SeT)``
-run the reference in the same run, for the speed-up, and on CUDA ``SeT
-(triton...)`` and ``SeTformer-T (Triton SeT...)`` the fused kernels, at
-each ``tl.dot`` input precision.  Peak memory on the CPU
-is read from the allocator's events through torch's profiler (kept out of
-the timed runs); on CUDA it is the allocator peak.
+``SeT`` is the operator as users get it (``auto``: the CPU's kernel; on
+CUDA the faster of the reference and the Triton kernels, measured on each
+size class's first call, listed at the end); ``SeT (reference)`` and
+``SeTformer-T (reference SeT)`` run the reference in the same run, for the
+speed-up, and on CUDA ``SeT (triton...)`` and ``SeTformer-T (Triton
+SeT...)`` the fused kernels, at each ``tl.dot`` input precision.  Peak
+memory on the CPU is read from the allocator's events through torch's
+profiler (kept out of the timed runs); on CUDA it is the allocator peak.
 """
 import argparse
 import ctypes
@@ -47,8 +48,8 @@ import torch.nn.functional as F
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmsetformer  # noqa: E402,F401
 from mmsetformer.ops import (fused_cpu, grid_positions,  # noqa: E402
-                             reference_grid, set_attention, set_backend,
-                             transport_plan)
+                             measured_choices, reference_grid, set_attention,
+                             set_backend, transport_plan)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -428,10 +429,9 @@ class _SeTBackend(torch.nn.Module):
 def backbones(quick, swin='mmdet', cuda=False):
     """{name: make(m, (h, w))}: SeTformer with m references, Swin (from
     ``swin``, see :func:`swin_source`) built for h x w inputs.  SeTformer-T
-    also with its SeT forced: the reference on the CPU (against the
-    compiled kernel); on CUDA, where ``auto`` runs the reference, the
-    Triton kernels in fp32 and in 3xTF32 (which to choose is for a GPU to
-    measure)."""
+    also with its SeT forced to the reference (against the compiled
+    kernel on the CPU, against the measured choice on CUDA) and, on CUDA,
+    to the Triton kernels in fp32 and in 3xTF32."""
     def sw(depths):
         return lambda m, hw: _swin(depths, (3, 6, 12, 24), source=swin,
                                    hw=hw)
@@ -442,10 +442,12 @@ def backbones(quick, swin='mmdet', cuda=False):
         return {'SeTformer-M': lambda m, hw: _setformer('m', m),
                 'SeTformer-M (reference SeT)': forced('m', 'reference'),
                 'Swin-T': sw((2, 2, 6, 2))}
-    variants = {'SeTformer-T (Triton SeT)': forced('t', 'triton'),
-                'SeTformer-T (Triton SeT, 3xTF32)':
-                forced('t', 'triton', 'tf32x3')} if cuda else {
-                    'SeTformer-T (reference SeT)': forced('t', 'reference')}
+    variants = {'SeTformer-T (reference SeT)': forced('t', 'reference')}
+    if cuda:
+        variants.update({
+            'SeTformer-T (Triton SeT)': forced('t', 'triton'),
+            'SeTformer-T (Triton SeT, 3xTF32)': forced('t', 'triton',
+                                                       'tf32x3')})
     return {
         'SeTformer-M': lambda m, hw: _setformer('m', m),
         'SeTformer-T': lambda m, hw: _setformer('t', m),
@@ -814,6 +816,20 @@ def to_markdown(report) -> str:
                 f' | {r["params"] / 1e6:.1f} | {r["flops"] / 1e9:.1f} |' + (
                     f' {r["busy"]:.0%} |' if busy else ''))
         out.append('')
+    if 'set_choices' in report:
+        out += ["**What `auto` measured** (on CUDA, the first call of each "
+                'size class runs the reference and the Triton kernels and '
+                'keeps the faster; ms of one call):', '',
+                '| B·h·n·m below | d | T | LPE | backward | tl.dot | '
+                'reference ms | Triton ms | chosen |', '|' + ' --- |' * 9]
+        for c in report['set_choices']:
+            t = c['times']
+            out.append(f'| 2^{c["bits"]} | {c["d"]} | {c["num_iters"]} | '
+                       f'{"on" if c["lpe"] else "off"} | '
+                       f'{"yes" if c["backward"] else "no"} | '
+                       f'{c["precision"]} | {t["reference"] * 1e3:,.2f} | '
+                       f'{t["triton"] * 1e3:,.2f} | {c["choice"]} |')
+        out.append('')
     if 'model' in report:
         out += ['**Whole models**, inference (batch 1, predict mode with '
                 'post-processing):', '',
@@ -946,6 +962,9 @@ def main():
     for part in parts:
         print(f'== {part}', flush=True)
         globals()[f'bench_{part}'](args, device, report)
+    if measured_choices():  # what `auto` measured (CUDA)
+        report['set_choices'] = [{k: v for k, v in c.items() if k != 'key'}
+                                 for c in measured_choices()]
     report['seconds'] = time.time() - t0
     with open(osp.join(args.out, f'{name}.json'), 'w') as f:
         json.dump(report, f, indent=1)

@@ -183,6 +183,7 @@ class SeTCPUFunction(torch.autograd.Function):
     no copy of them is made."""
 
     builds_query_features = True  # (set_attention passes q, not qf)
+    backend = 'cpu'  # (its name in set_backend)
 
     @staticmethod
     def forward(ctx, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,

@@ -298,6 +298,7 @@ class SeTTritonFunction(torch.autograd.Function):
     positional part apart from the rest (``_logits``)."""
 
     builds_query_features = True  # (set_attention passes q, not qf)
+    backend = 'triton'  # (its name in set_backend)
 
     @staticmethod
     def forward(ctx, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,

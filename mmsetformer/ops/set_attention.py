@@ -19,14 +19,18 @@ of rows at a time, so the backward allocates no n x m tensor at all.
 Fused implementations compute the same function and the same gradients:
 the compiled CPU kernel (``fused_cpu``) and the Triton kernels for CUDA
 (``fused_triton``).  :func:`set_attention` picks one in
-:func:`_implementation`, the only place that chooses;
-:func:`set_backend` (or ``MMSETFORMER_SET_BACKEND``) forces one.
+:func:`_implementation`, the only place that chooses (on CUDA by timing
+the reference against the Triton kernels once per size class,
+:func:`fastest`); :func:`set_backend` (or ``MMSETFORMER_SET_BACKEND``)
+forces one.
 """
 import contextlib
 import math
 import os
 import threading
-from typing import List, Optional, Tuple
+import time
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -35,7 +39,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 __all__ = [
     'set_attention', 'transport_plan', 'grid_positions', 'reference_grid',
     'sinkhorn_scalings', 'gibbs_kernel', 'kernel_workspace', 'set_backend',
-    'get_backend', 'BACKENDS'
+    'get_backend', 'measured_choices', 'BACKENDS'
 ]
 
 # Guards the norms of the cosine (so zero vectors are safe).
@@ -57,9 +61,9 @@ _GRAD_BLOCK_ELEMS_GPU = 1 << 26
 # Whether the reference keeps K from its forward for the backward ('1'),
 # or rebuilds it there ('0': one more product and exp per layer, and no
 # B*h*n*m tensor alive between a layer's forward and its backward);
-# 'auto' rebuilds it on GPUs, where the reference is the default
-# implementation and memory, not the product, is what runs out (SeTformer-T
-# at 800 x 1344, batch 2: ~8 GB of kernels kept otherwise).
+# 'auto' rebuilds it on GPUs, where memory, not the product, is what runs
+# out (SeTformer-T at 800 x 1344, batch 2: ~8 GB of kernels kept
+# otherwise).
 KEEP_KERNEL = os.environ.get('MMSETFORMER_SET_KEEP_KERNEL', 'auto')
 
 Pos = Tuple[Tensor, Tensor]
@@ -340,6 +344,8 @@ class _SeTFunction(torch.autograd.Function):
     """Kernel + Sinkhorn + aggregation + redistribution with a hand-written
     backward (see the module docstring)."""
 
+    backend = 'reference'  # (its name in set_backend)
+
     @staticmethod
     def forward(ctx, qf: Tensor, rf: Tensor, v: Tensor, num_iters: int):
         # in place (autograd is off inside forward); a kernel not saved for
@@ -429,8 +435,9 @@ class _SeTFunction(torch.autograd.Function):
 
 # -- choosing the implementation ---------------------------------------------
 # 'auto': the fused kernel for the inputs' device where it can run (fp32 or
-# fp64; the operator computes in >= fp32 anyway), else the reference; the
-# others force one (an error where it cannot run).
+# fp64; the operator computes in >= fp32 anyway), else the reference, and
+# on CUDA the faster of the two (measured); the others force one (an error
+# where it cannot run).
 BACKENDS = ('auto', 'reference', 'cpu', 'triton')
 
 
@@ -472,9 +479,12 @@ def _observed(x: Tensor) -> bool:
         or x.device.type == 'meta'
 
 
-def _implementation(qf: Tensor, rf_rows: int = 0):
+def _implementation(qf: Tensor, rf_rows: int = 0,
+                    trial: Optional[Callable] = None):
     """The autograd function that computes SeT for queries or their
-    features ``qf`` (B, h, n, .) against ``rf_rows`` references."""
+    features ``qf`` (B, h, n, .) against ``rf_rows`` references;
+    ``trial(fn)`` runs the call at hand with ``fn`` where ``auto`` measures
+    (CUDA, see :data:`MEASURE`)."""
     from . import fused_cpu, fused_triton
     name = _BACKEND.name
     if name not in BACKENDS:
@@ -498,19 +508,100 @@ def _implementation(qf: Tensor, rf_rows: int = 0):
         return _SeTFunction
     if qf.device.type == 'cpu' and fused_cpu.available():
         return fused_cpu.SeTCPUFunction
-    if qf.device.type == 'cuda' and not fused_triton.why_unavailable(qf) \
-            and _kernel_bytes(qf, rf_rows) > FUSED_CUDA_MIN_BYTES:
-        # measured on an H100: the reference (cuBLAS over a materialised
-        # K) is faster wherever K fits, so the fused kernels are chosen for
-        # their memory only, where one K would be large
-        return fused_triton.SeTTritonFunction
+    if qf.device.type in _TRITON_DEVICES and \
+            not fused_triton.why_unavailable(qf):
+        if _kernel_bytes(qf, rf_rows) > FUSED_CUDA_MIN_BYTES:
+            # the reference would hold several such tensors
+            return fused_triton.SeTTritonFunction
+        if trial is not None and MEASURE and \
+                not torch.are_deterministic_algorithms_enabled():
+            # (no timing while a CUDA graph is captured: the choice made
+            # before, if any, else the reference)
+            capturing = qf.device.type == 'cuda' and \
+                torch.cuda.is_current_stream_capturing()
+            return fastest((_SeTFunction, fused_triton.SeTTritonFunction),
+                           _size_class(qf, rf_rows), trial,
+                           measure=not capturing)
     return _SeTFunction
 
 
+# Where `auto` considers the Triton kernels (the CPU has its own; the
+# tests add it to run this choice under Triton's interpreter).
+_TRITON_DEVICES = ('cuda', )
 # One B*h*n*m fp32 kernel above this size makes `auto` pick the fused
 # Triton kernels on CUDA (the reference keeps several such tensors).
 FUSED_CUDA_MIN_BYTES = int(float(os.environ.get(
     'MMSETFORMER_SET_FUSED_MIN_BYTES', 2**31)))
+# Below it, `auto` on CUDA measures which of the reference and the Triton
+# kernels runs a call faster, once per size class (as cudnn.benchmark does
+# for convolutions): which wins depends on the GPU (its FMA rate against
+# its memory bandwidth) and on the size (launch overheads against passes
+# over K). Not under torch.use_deterministic_algorithms (a choice that
+# follows timings is not reproducible) nor with MMSETFORMER_SET_MEASURE=0:
+# the reference then.
+MEASURE = os.environ.get('MMSETFORMER_SET_MEASURE', '1') != '0'
+_MEASURED: Dict[tuple, dict] = {}
+
+
+def _size_class(qf: Tensor, m: int) -> tuple:
+    """The size part of a measured choice's key: device, dtype, head width,
+    the kernel's B*h*n*m to a factor of two and ``tl.dot``'s precision
+    (the trial adds T, LPE and whether a backward follows)."""
+    return (str(qf.device), qf.dtype, qf.shape[-1],
+            max(1, qf.shape[:-1].numel() * m).bit_length(),
+            os.environ.get('MMSETFORMER_SET_PRECISION', 'ieee'))
+
+
+def fastest(candidates: Sequence, key: tuple, trial: Callable,
+            measure: bool = True):
+    """The candidate for which ``trial(fn)`` (the call at hand, run by
+    ``fn``) takes least time, measured the first time ``key`` is seen: one
+    call each to warm up (Triton compiles there), then the faster of two
+    timed ones; later calls with ``key`` reuse the choice. A candidate
+    that fails (a GPU whose resources a kernel exceeds, memory running out)
+    is not chosen, with a warning. Without ``measure``, a key not yet seen
+    gets the first candidate."""
+    key = key + trial.key
+    seen = _MEASURED.get(key)
+    if seen is None and not measure:
+        return candidates[0]
+    if seen is None:
+        times = {}
+        for fn in candidates:
+            try:
+                trial(fn)
+                times[fn] = min(_timed(trial, fn) for _ in range(2))
+            except Exception as e:  # e.g. OutOfResources, OutOfMemoryError
+                warnings.warn(f'SeT: the {fn.backend} implementation failed '
+                              f'on {key} and is not used there: {e!r}')
+                times[fn] = math.inf
+        seen = _MEASURED[key] = dict(
+            times={fn.backend: t for fn, t in times.items()},
+            choice=min(times, key=times.get))
+    return seen['choice']
+
+
+def _timed(trial: Callable, fn) -> float:
+    sync = torch.cuda.synchronize if trial.device.type == 'cuda' \
+        else (lambda device: None)
+    sync(trial.device)
+    t0 = time.perf_counter()
+    trial(fn)
+    sync(trial.device)
+    return time.perf_counter() - t0
+
+
+def measured_choices() -> List[dict]:
+    """What ``auto`` measured so far in this process, one entry per size
+    class: its key (device, dtype, head width d, B*h*n*m below 2**bits,
+    tl.dot precision, T, LPE, backward), each candidate's time in seconds
+    and the one chosen."""
+    names = ('device', 'dtype', 'd', 'bits', 'precision', 'num_iters',
+             'lpe', 'backward')
+    return [dict(zip(names, k[:-3] + (k[-3], not k[-2], k[-1])),
+                 dtype=str(k[1]).replace('torch.', ''), key=k,
+                 times=dict(v['times']), choice=v['choice'].backend)
+            for k, v in _MEASURED.items()]
 
 
 def _kernel_bytes(qf: Tensor, m: int) -> int:
@@ -568,14 +659,61 @@ def set_attention(q: Tensor,
     # Kernel, Sinkhorn and both aggregations stay in fp32 under autocast.
     with torch.autocast(q.device.type, enabled=False):
         dtype = _compute_dtype(q)
-        q, v = q.to(dtype), v.to(dtype)
-        fn = _implementation(q, refs.shape[-2])
-        if getattr(fn, 'builds_query_features', False):
-            tok_f, rf = _ref_features(refs, pos, sigma, dtype, q.device)
-            if tok_f is None:
-                tok_f = q.new_empty(q.shape[2], 0)
-            y = fn.apply(q, tok_f, rf, v, float(eps), int(num_iters))
-        else:
-            qf, rf = _features(q, refs, eps, pos, sigma)
-            y = fn.apply(qf, rf, v, int(num_iters))
+        args = (q.to(dtype), refs, v.to(dtype), eps, num_iters, pos, sigma)
+        y = _apply(_implementation(args[0], refs.shape[-2], _Trial(args)),
+                   *args)
     return y.to(out_dtype)
+
+
+def _apply(fn, q: Tensor, refs: Tensor, v: Tensor, eps: float,
+           num_iters: int, pos: Optional[Pos], sigma: Optional[float]):
+    """SeT by the autograd function ``fn``, given the inputs in the compute
+    dtype."""
+    if getattr(fn, 'builds_query_features', False):
+        tok_f, rf = _ref_features(refs, pos, sigma, q.dtype, q.device)
+        if tok_f is None:
+            tok_f = q.new_empty(q.shape[2], 0)
+        return fn.apply(q, tok_f, rf, v, float(eps), int(num_iters))
+    qf, rf = _features(q, refs, eps, pos, sigma)
+    return fn.apply(qf, rf, v, int(num_iters))
+
+
+class _Trial:
+    """The call at hand, run by a given function for :func:`fastest` on
+    detached copies of its inputs: forward, and backward where the call
+    will have one (the trials leave no gradients on the real inputs)."""
+
+    def __init__(self, args: tuple):
+        self.args = args
+        self.device = args[0].device
+
+    def _leaves(self) -> list:
+        q, refs, v, _, _, pos, _ = self.args
+        return [q, refs, v, *(pos or ())]
+
+    @property
+    def grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in self._leaves())
+
+    @property
+    def key(self) -> tuple:
+        """The call's part of the size class: iterations, LPE, backward."""
+        return (self.args[4], self.args[5] is None, self.grad)
+
+    def __call__(self, fn):
+        grad = self.grad
+        q, refs, v, *pos = (t.detach().requires_grad_(grad and t.requires_grad)
+                            for t in self._leaves())
+        eps, T, _, sigma = self.args[3:]
+        # the trial's own saved tensors, whatever hooks the call runs under
+        # (activation checkpointing would recompute its region for them)
+        with torch.set_grad_enabled(grad), \
+                torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            y = _apply(fn, q, refs, v, eps, T, tuple(pos) or None, sigma)
+            if grad:
+                y.sum().backward()
+
+
+def _same(x):
+    return x
