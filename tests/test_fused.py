@@ -367,7 +367,6 @@ def check_auto_measures(monkeypatch, device):
     assert seen['backward'] and seen['device'].startswith(device)
     # 3 trial calls per candidate, then the chosen one, twice
     assert chosen[-2:] == [seen['choice']] * 2 and len(chosen) == 6 + 2
-    print(seen)
     monkeypatch.setattr(m, '_MEASURED', {})
     monkeypatch.setattr(m, 'MEASURE', False)
     chosen.clear()
@@ -401,7 +400,7 @@ def test_measuring_inside_activation_checkpointing(monkeypatch):
     q, v, r = _inputs(1, 2, 20, 6, 8, torch.float32, seed=6)
     pos = _pos((4, 5), (2, 3), torch.float32)
     kw = dict(eps=0.3, num_iters=2, sigma=0.5)
-    Slow, calls, trial = _measuring(monkeypatch, q, v, r, pos, **kw)
+    Slow, _, _ = _measuring(monkeypatch, q, v, r, pos, **kw)
     m = set_attention_module
 
     def region(q, v):

@@ -962,9 +962,10 @@ def main():
     for part in parts:
         print(f'== {part}', flush=True)
         globals()[f'bench_{part}'](args, device, report)
-    if measured_choices():  # what `auto` measured (CUDA)
+    choices = measured_choices()  # what `auto` measured (CUDA)
+    if choices:
         report['set_choices'] = [{k: v for k, v in c.items() if k != 'key'}
-                                 for c in measured_choices()]
+                                 for c in choices]
     report['seconds'] = time.time() - t0
     with open(osp.join(args.out, f'{name}.json'), 'w') as f:
         json.dump(report, f, indent=1)

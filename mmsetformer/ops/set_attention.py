@@ -598,7 +598,7 @@ def measured_choices() -> List[dict]:
     and the one chosen."""
     names = ('device', 'dtype', 'd', 'bits', 'precision', 'num_iters',
              'lpe', 'backward')
-    return [dict(zip(names, k[:-3] + (k[-3], not k[-2], k[-1])),
+    return [dict(zip(names, k[:-2] + (not k[-2], k[-1])),
                  dtype=str(k[1]).replace('torch.', ''), key=k,
                  times=dict(v['times']), choice=v['choice'].backend)
             for k, v in _MEASURED.items()]
