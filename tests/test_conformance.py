@@ -2,7 +2,8 @@
 DDP): every shipped model trains under DDP without
 ``find_unused_parameters``, the timm models pass timm's model checks
 (torch.fx tracing and fx feature extraction, torch.jit.trace, timm's model
-API), and torch.jit.script is refused clearly."""
+API), torch.compile makes one graph of them, and torch.jit.script is
+refused clearly."""
 import os.path as osp
 
 import pytest
@@ -223,6 +224,32 @@ def test_jit_trace_runs_other_sizes_and_script_is_refused():
     with pytest.raises(RuntimeError, match='cannot be compiled with '
                        'torch.jit.script.*torch.jit.trace'):
         torch.jit.script(model)
+
+
+# -- torch.compile: one graph, the fused kernels kept -----------------------
+def test_torch_compile_one_graph_keeps_the_fused_kernel(monkeypatch):
+    """The whole classifier compiles to one graph (no graph break at the
+    SeT layers) that runs the compiled CPU kernel, not the reference the
+    tracer would otherwise see, with eager's outputs and gradients."""
+    from mmsetformer.ops import fused_cpu
+    if not fused_cpu.available():
+        pytest.skip(fused_cpu.why_unavailable())
+    # (eval: drop path's draws would differ between the runs)
+    model, x = _tiny_classifier().eval(), torch.randn(2, 3, 64, 64)
+    eager = model(x)
+    eager.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    calls, forward = [], fused_cpu._ext.forward
+    monkeypatch.setattr(fused_cpu._ext, 'forward',
+                        lambda *a: calls.append(1) or forward(*a))
+    torch._dynamo.reset()
+    out = torch.compile(model, backend='aot_eager', fullgraph=True)(x)
+    out.square().sum().backward()
+    assert len(calls) == sum(TINY_ARCH['depths'])
+    assert torch.allclose(out, eager, atol=1e-5, rtol=1e-4)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
 # -- timm's model API ---------------------------------------------------------

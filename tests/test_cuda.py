@@ -46,6 +46,26 @@ def test_auto_measures_once_per_size_class_on_cuda(monkeypatch):
     check_auto_measures(monkeypatch, 'cuda')
 
 
+def test_inductor_keeps_the_triton_kernels():
+    """torch.compile (inductor, one graph) around SeT with the Triton
+    kernels forced: they run as the operators they are registered as, with
+    the float64 dense reference's outputs and gradients (the CPU tests
+    check the routing under dynamo)."""
+    dev, host, pos = _case(torch.float32)
+    kw = dict(eps=0.3, num_iters=3, pos=tuple(p.cuda().float() for p in pos),
+              sigma=0.6)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, v, r: set_attention(q, v, r, **kw),
+                       fullgraph=True)
+    with set_backend('triton'):
+        ours = _grads(fn(*dev), dev)
+    kw['pos'] = pos
+    ref = _grads(dense_set(*host, **kw)[0], host)
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        err = (a.double().cpu() - b).abs().max().item()
+        assert err <= 1e-5 * (1 + b.abs().max().item()), (name, err)
+
+
 @pytest.mark.parametrize('precision', ['tf32x3', 'tf32'])
 def test_tf32_error_is_reported(precision, monkeypatch, capsys):
     """Not a gate: prints the error of TF32 inputs to tl.dot against the

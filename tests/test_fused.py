@@ -4,6 +4,7 @@ here under Triton's interpreter (conftest sets TRITON_INTERPRET=1 on hosts
 without CUDA)."""
 import contextlib
 import importlib
+import math
 import os.path as osp
 import platform
 import sys
@@ -257,6 +258,93 @@ def test_cpu_kernel_is_built_and_chosen(monkeypatch):
     assert chosen[-1] is set_attention_module._SeTFunction
 
 
+def _compiled(kw):
+    """SeT with ``kw`` under torch.compile: dynamo and AOTAutograd (the
+    graphs inductor would get), one graph or an error."""
+    torch._dynamo.reset()
+    return torch.compile(lambda q, v, r: set_attention(q, v, r, **kw),
+                         backend='aot_eager', fullgraph=True)
+
+
+def _opcheck(module, q, v, r, pos, *extra):
+    """torch.library.opcheck of a fused implementation's two operators:
+    schemas, fake shapes against the real ones, autograd registration."""
+    tok, rf = set_attention_module._ref_features(r, pos, 0.5, q.dtype,
+                                                 q.device)
+    args = (q, tok, rf[0].detach().requires_grad_(), v, 0.3, 2, *extra)
+    torch.library.opcheck(module._forward, args)
+    fwd = [t.detach() for t in module._forward(*args)]
+    gy = torch.randn_like(fwd[0])
+    for need in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(module._backward, (
+            *(t.detach() for t in args[:4]), fwd, gy, *need, 0.3, *extra))
+
+
+def _record(monkeypatch, owner, name: str, calls: list):
+    """``owner.name`` appending ``name`` to ``calls`` on every call."""
+    fn = getattr(owner, name)
+    monkeypatch.setattr(owner, name,
+                        lambda *a, **k: calls.append(name) or fn(*a, **k))
+
+
+@pytest.mark.parametrize('backend', ['cpu', 'triton'])
+def test_torch_compile_keeps_the_fused_kernels(backend, monkeypatch):
+    """The fused kernels are torch.library operators: opcheck finds their
+    schemas, fake shapes and autograd consistent with the kernels. Under
+    torch.compile SeT runs them, forward and backward in one graph, with
+    the reference's outputs and gradients: the CPU kernel under ``auto``;
+    Triton's where ``auto`` takes them without measuring, and when forced.
+    ``auto`` measures nothing while dynamo traces (no trial can run on its
+    fake tensors): the reference then. torch.export records the
+    reference, made of the ops exporters know."""
+    q, v, r = _inputs(2, 2, 20, 6, 5, torch.float32)
+    pos = _pos((4, 5), (2, 3), torch.float32)
+    kw = dict(eps=0.3, num_iters=2, pos=pos, sigma=0.5)
+    if _available(backend, q):
+        pytest.skip(_available(backend, q))
+    ref = _run('reference', q, v, r, **kw)
+    calls, runs = [], [(None, True)]
+    if backend == 'cpu':
+        _opcheck(fused_cpu, q, v, r, pos, fused_cpu.STREAM_BYTES,
+                 fused_cpu.SHARE_BYTES)
+        _record(monkeypatch, fused_cpu._ext, 'forward', calls)
+        _record(monkeypatch, fused_cpu._ext, 'backward', calls)
+    else:
+        _opcheck(fused_triton, q, v, r, pos)
+        _record(monkeypatch, fused_triton, '_launch', calls)
+        # `auto` as on CUDA (the CPU in the Triton kernels' devices, the CPU
+        # kernel aside), first above the size where it takes them without
+        # measuring, then forced, then below that size
+        monkeypatch.setattr(fused_cpu, '_ext', None)
+        monkeypatch.setattr(set_attention_module, '_TRITON_DEVICES',
+                            ('cpu', ))
+        monkeypatch.setattr(set_attention_module, '_MEASURED', {})
+        runs = [(0, True), ('triton', True), (2**40, False)]
+    for setting, fused in runs:
+        calls.clear()
+        with contextlib.ExitStack() as stack:
+            if setting == 'triton':
+                stack.enter_context(set_backend('triton'))
+            elif setting is not None:
+                monkeypatch.setattr(set_attention_module,
+                                    'FUSED_CUDA_MIN_BYTES', setting)
+            out = _grads(_compiled(kw)(q, v, r), (q, v, r))
+        if backend == 'cpu':
+            assert calls == ['forward', 'backward']
+        assert bool(calls) == fused, setting
+        for a, b in zip(out, ref):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), setting
+    assert not set_attention_module._MEASURED
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, v, r):
+            return set_attention(q, v, r, **kw)
+
+    code = torch.export.export(Layer(), (q, v, r)).graph_module \
+        .print_readable(print_output=False)  # (submodules included)
+    assert 'ops.mmsetformer' not in code and 'aten.exp' in code
+
+
 def test_backend_errors_are_clear(monkeypatch):
     with pytest.raises(ValueError, match='SeT backend must be one of'):
         with set_backend('flash'):
@@ -426,13 +514,12 @@ def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
     reason = _available(backend, q)
     if reason:
         pytest.skip(reason)
-    with _backend(backend):
-        y = set_attention(q, v, r, eps=0.3, num_iters=3,
-                          pos=_pos((6, 10), (4, 5), torch.float32),
-                          sigma=0.5)
-    saved = [t for t in y.grad_fn.saved_tensors
-             if t.numel() >= 2 * n * m]
-    assert not saved, [tuple(t.shape) for t in saved]
+    saved = []
+    with _backend(backend), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        set_attention(q, v, r, eps=0.3, num_iters=3,
+                      pos=_pos((6, 10), (4, 5), torch.float32), sigma=0.5)
+    assert saved and max(map(math.prod, saved)) < 2 * n * m, saved
 
 
 CPU_MODES = ['cpu', 'cpu-streamed', 'cpu-shared']

@@ -17,12 +17,12 @@ import importlib
 import os
 import platform
 import threading
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from .set_attention import NORM_DELTA, _grads_from_slices
+from .set_attention import NORM_DELTA, FusedImplementation
 
 
 def builds() -> Dict[str, object]:
@@ -174,44 +174,61 @@ def why_unavailable() -> str:
     return '' if _ext is not None else (_UNAVAILABLE or 'disabled')
 
 
-class SeTCPUFunction(torch.autograd.Function):
-    """(q (B,h,n,d), tok (n, k), rf (1,h,m,d+k), v (B,h,n,d), eps, T) -> y
-    (B,h,n,d), CPU, fp32 or fp64: the reference ``_SeTFunction`` on the
-    features ``qf = [q / (|q| + NORM_DELTA) / eps, tok]`` (as
-    ``_features``), which the kernel builds itself.  q and v may be views
-    with rows of unit stride (the layer's projection, split into heads):
-    no copy of them is made."""
+# The kernel as two torch.library operators (forward, backward), with
+# their autograd and their output shapes registered: torch.compile keeps
+# them in its graphs, where an autograd.Function calling the extension
+# would be opaque to dynamo and a compiled model would run the reference
+# (SeTformer-T, 8 x 224^2 inference compiled by inductor, AMD EPYC: 0.88 s
+# with the kernel, 1.47 s with the reference).
+# The forward returns y and what the backward needs: per slice
+# (S = B*h), A, Uv (T+1, n), Bv (T+1, m), Sv (max(T, 1), m), z (m, d),
+# s4 (m), w (n) and the scalings' maxima (2).
+@torch.library.custom_op('mmsetformer::set_cpu_forward', mutates_args=(),
+                         device_types='cpu')
+def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
+             num_iters: int, stream_bytes: int,
+             share_bytes: int) -> List[Tensor]:
+    shapes = _shapes(q, rf3, num_iters, stream_bytes, share_bytes)
+    ws = _scratch(_ext.forward_workspace(*shapes), q.dtype)
+    return _ext.forward(q, tok, rf3, v, eps, NORM_DELTA, num_iters,
+                        stream_bytes, share_bytes, ws)
 
-    builds_query_features = True  # (set_attention passes q, not qf)
-    backend = 'cpu'  # (its name in set_backend)
 
-    @staticmethod
-    def forward(ctx, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,
-                eps: float, num_iters: int):
-        B, h, n, d = v.shape
-        q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
-        rf3 = rf.reshape(h, rf.shape[-2], rf.shape[-1]).contiguous()
-        tok = tok.contiguous()
-        shapes = (B * h, n, *rf3.shape[-2:], d, num_iters, STREAM_BYTES,
-                  SHARE_BYTES, q.element_size())
-        ws = _scratch(_ext.forward_workspace(*shapes), q.dtype)
-        y, *saved = _ext.forward(q, tok, rf3, v, eps, NORM_DELTA, num_iters,
-                                 *shapes[6:8], ws)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, tok, rf3, v, y, *saved)
-            ctx.eps = eps
-            ctx.shapes = shapes  # the backward streams and shares alike
-        return y.view(B, h, n, d)
+@_forward.register_fake
+def _(q, tok, rf3, v, eps, num_iters, stream_bytes, share_bytes):
+    (B, h, n, d), m, T = q.shape, rf3.shape[1], num_iters
+    return [q.new_empty(B * h, *s) for s in (
+        (n, d), (T + 1, n), (T + 1, n), (T + 1, m), (max(T, 1), m), (m, d),
+        (m, ), (n, ), (2, ))]
 
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        q, tok, rf3, v, y, *saved = ctx.saved_tensors
-        B, h = q.shape[:2]
-        need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        ws = _scratch(_ext.backward_workspace(*ctx.shapes), q.dtype)
-        gq, gr, gv = _ext.backward(q, tok, rf3, v, y,
-                                   gy.reshape(y.shape).contiguous(), *saved,
-                                   need_q, need_r, ctx.eps, NORM_DELTA,
-                                   *ctx.shapes[6:8], ws)
-        return _grads_from_slices(B, h, gq if need_q else None,
-                                  gr if need_r else None, gv)
+
+@torch.library.custom_op('mmsetformer::set_cpu_backward', mutates_args=(),
+                         device_types='cpu')
+def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
+              fwd: List[Tensor], gy: Tensor, need_q: bool, need_r: bool,
+              eps: float, stream_bytes: int,
+              share_bytes: int) -> List[Tensor]:
+    """[gq (S, n, d), grf (S, m, dp) per slice, gv (S, n, d)]; an empty
+    tensor for a gradient not needed."""
+    shapes = _shapes(q, rf3, fwd[1].shape[1] - 1, stream_bytes, share_bytes)
+    ws = _scratch(_ext.backward_workspace(*shapes), q.dtype)
+    grads = _ext.backward(q, tok, rf3, v, fwd[0], gy, *fwd[1:], need_q,
+                          need_r, eps, NORM_DELTA, stream_bytes,
+                          share_bytes, ws)
+    return [q.new_empty(0) if g is None else g for g in grads]
+
+
+def _shapes(q: Tensor, rf3: Tensor, num_iters: int, stream_bytes: int,
+            share_bytes: int) -> tuple:
+    """The workspace functions' arguments."""
+    return (q.shape[0] * q.shape[1], q.shape[2], *rf3.shape[1:], q.shape[3],
+            num_iters, stream_bytes, share_bytes, q.element_size())
+
+
+# (q (B,h,n,d), tok (n, k), rf (1,h,m,d+k), v (B,h,n,d), eps, T) -> y
+# (B,h,n,d), CPU, fp32 or fp64: the reference ``_SeTFunction`` on the
+# features ``qf = [q / (|q| + NORM_DELTA) / eps, tok]`` (as ``_features``),
+# which the kernel builds itself; q and v are read where the layer's
+# projection put them, no copy made.
+SeTCPUFunction = FusedImplementation(
+    'cpu', _forward, _backward, lambda: (STREAM_BYTES, SHARE_BYTES))

@@ -36,12 +36,13 @@ run under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 import functools
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .set_attention import _grads_from_slices, _safe_div, _safe_div_grad, _unit
+from .set_attention import (NORM_DELTA, FusedImplementation, _safe_div,
+                            _safe_div_grad, _unit)
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
@@ -76,6 +77,13 @@ def why_unavailable(x: Tensor) -> str:
             'TRITON_INTERPRET=1)'
     if x.device.type not in ('cuda', 'cpu'):
         return f'inputs are on {x.device}'
+    return _import_error()
+
+
+@torch.compiler.assume_constant_result
+def _import_error() -> str:
+    """'' once Triton and the kernels import, else why not (dynamo takes
+    it as a constant instead of tracing the import)."""
     t = _triton()
     return t if isinstance(t, str) else ''
 
@@ -290,102 +298,126 @@ def _query_features(q: Tensor, eps: float) -> Tensor:
     return (_unit(q) / eps).flatten(0, 1).contiguous()
 
 
-class SeTTritonFunction(torch.autograd.Function):
-    """(q (B,h,n,d), tok (n, KP), rf (1,h,m,d+KP), v (B,h,n,d), eps, T) ->
-    y (B,h,n,d): the reference ``_SeTFunction`` on the features of
-    ``_features``, with the same contract as ``fused_cpu.SeTCPUFunction``
-    (the token positions get no gradient).  The kernels take the features'
-    positional part apart from the rest (``_logits``)."""
-
-    builds_query_features = True  # (set_attention passes q, not qf)
-    backend = 'triton'  # (its name in set_backend)
-
-    @staticmethod
-    def forward(ctx, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,
-                eps: float, num_iters: int):
-        (B, h, n, d), m = v.shape, rf.shape[-2]
-        x = _query_features(q, eps)
-        y, rp = (t.reshape(h, m, -1).contiguous()
-                 for t in rf.split([d, rf.shape[-1] - d], -1))
-        tp, v3 = tok.contiguous(), v.reshape(B * h, n, d).contiguous()
-        ops = _Passes(x, y, tp, rp)
-        # Sinkhorn, as sinkhorn_scalings: b_0 = 1, u_t = K b_t,
-        # a_t = 1 / (n u_t), s_t = K^T a_t, b_{t+1} = 1 / (m s_t)
-        b = x.new_ones(B * h, m)
-        steps = []
-        for _ in range(num_iters):
-            u = ops.rows(b)
-            a = _safe_div(1.0 / n, u)
-            s = ops.cols(a)
-            steps.append((b, u, a, s))
-            b = _safe_div(1.0 / m, s)
+# The kernels' orchestration as two torch.library operators (forward,
+# backward): torch.compile keeps them in its graphs instead of tracing the
+# launches.  The forward returns y and what the backward needs, per slice
+# (S = B*h): the row maxima of the logits Mx (n), the scalings' maxima
+# a_top, b_top (1), s4 (m), z (m, d), w (n), the last b (m), u, a (n), and
+# for each Sinkhorn step t < T its b_t (m), u_t, a_t (n), s_t (m).
+@torch.library.custom_op('mmsetformer::set_triton_forward', mutates_args=())
+def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
+             num_iters: int) -> List[Tensor]:
+    (B, h, n, _), m = v.shape, rf3.shape[1]
+    x = _query_features(q, eps)
+    y, tp, rp, v3 = _operands(tok, rf3, v)
+    ops = _Passes(x, y, tp, rp)
+    # Sinkhorn, as sinkhorn_scalings: b_0 = 1, u_t = K b_t,
+    # a_t = 1 / (n u_t), s_t = K^T a_t, b_{t+1} = 1 / (m s_t)
+    b = x.new_ones(B * h, m)
+    steps = []
+    for _ in range(num_iters):
         u = ops.rows(b)
         a = _safe_div(1.0 / n, u)
-        a_top, b_top = _top(a), _top(b)
-        a_hat, b_hat = a / a_top, b / b_top
-        # z = K^T [a^ v] / K^T a^;  y = K [b^ z] / K b^
-        s4, Zt = ops.cols(a_hat, a_hat.unsqueeze(-1) * v3)
-        z = Zt / s4.unsqueeze(-1)
-        w, Yt = ops.rows(b_hat, b_hat.unsqueeze(-1) * z)
-        out = Yt / w.unsqueeze(-1)
-        if any(ctx.needs_input_grad):
-            flat = [t for step in steps for t in step]
-            ctx.save_for_backward(q, y, tp, rp, v3, ops.Mx, a_top, b_top, s4,
-                                  z, w, out, b, u, a, *flat)
-            ctx.eps, ctx.num_iters = eps, num_iters
-        return out.view(B, h, n, d)
+        s = ops.cols(a)
+        steps += [b, u, a, s]
+        b = _safe_div(1.0 / m, s)
+    u = ops.rows(b)
+    a = _safe_div(1.0 / n, u)
+    a_top, b_top = _top(a), _top(b)
+    a_hat, b_hat = a / a_top, b / b_top
+    # z = K^T [a^ v] / K^T a^;  y = K [b^ z] / K b^
+    s4, Zt = ops.cols(a_hat, a_hat.unsqueeze(-1) * v3)
+    z = Zt / s4.unsqueeze(-1)
+    w, Yt = ops.rows(b_hat, b_hat.unsqueeze(-1) * z)
+    out = Yt / w.unsqueeze(-1)
+    return [out, ops.Mx, a_top, b_top, s4, z, w, b, u, a, *steps]
 
-    @staticmethod
-    def backward(ctx, gy: Tensor):
-        (q, y_ref, tp, rp, v3, Mx, a_top, b_top, s4, z, w, y, b_T, u_T, a_T,
-         *flat) = ctx.saved_tensors
-        B, h, n, d = q.shape
-        T = ctx.num_iters
-        need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        with torch.enable_grad():  # x's chain rule back to q
-            q = q.detach().requires_grad_(need_q)
-            x = _query_features(q, ctx.eps)
-        ops = _Passes(x.detach(), y_ref, tp, rp, Mx)
-        gy = gy.reshape(y.shape)
-        a_hat, b_hat = a_T / a_top, b_T / b_top
-        left, right = [], []
-        # y = Y~ / w with [Y~ | w] = K [b^ z | b^]
-        gY = gy / w.unsqueeze(-1)
-        gw = -(gY * y).sum(-1)
-        left.append(torch.cat([gY, gw.unsqueeze(-1)], -1))
-        right.append(torch.cat([b_hat.unsqueeze(-1) * z,
-                                b_hat.unsqueeze(-1)], -1))
-        gX5_v, gX5_m = ops.cols(gw, gY)
-        gz = b_hat.unsqueeze(-1) * gX5_m
-        gb_hat = (z * gX5_m).sum(-1) + gX5_v
-        # z = Z~ / s4 with [Z~ | s4] = K^T [a^ v | a^]
-        gZ = gz / s4.unsqueeze(-1)
-        gs4 = -(gZ * z).sum(-1)
-        left.append(torch.cat([a_hat.unsqueeze(-1) * v3,
-                               a_hat.unsqueeze(-1)], -1))
-        right.append(torch.cat([gZ, gs4.unsqueeze(-1)], -1))
-        gX4_v, gX4_m = ops.rows(gs4, gZ)
-        gv = a_hat.unsqueeze(-1) * gX4_m
-        ga = ((v3 * gX4_m).sum(-1) + gX4_v) / a_top
-        gb = gb_hat / b_top
-        # Sinkhorn in reverse, as the reference backward
-        gu = _safe_div_grad(ga, a_T, u_T)
+
+@_forward.register_fake
+def _(q, tok, rf3, v, eps, num_iters):
+    (B, h, n, d), m = v.shape, rf3.shape[1]
+    return [q.new_empty(B * h, *s) for s in (
+        (n, d), (n, ), (1, ), (1, ), (m, ), (m, d), (n, ), (m, ), (n, ),
+        (n, ), *[(m, ), (n, ), (n, ), (m, )] * num_iters)]
+
+
+@torch.library.custom_op('mmsetformer::set_triton_backward',
+                         mutates_args=())
+def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
+              fwd: List[Tensor], gy: Tensor, need_q: bool, need_r: bool,
+              eps: float) -> List[Tensor]:
+    """[gq (S, n, d), grf (S, m, dp) per slice, gv (S, n, d)]; an empty
+    tensor for a gradient not needed."""
+    (y, Mx, a_top, b_top, s4, z, w, b_T, u_T, a_T, *flat) = fwd
+    T = len(flat) // 4
+    x = _query_features(q, eps)
+    y_ref, tp, rp, v3 = _operands(tok, rf3, v)
+    ops = _Passes(x, y_ref, tp, rp, Mx)
+    a_hat, b_hat = a_T / a_top, b_T / b_top
+    left, right = [], []
+    # y = Y~ / w with [Y~ | w] = K [b^ z | b^]
+    gY = gy / w.unsqueeze(-1)
+    gw = -(gY * y).sum(-1)
+    left.append(torch.cat([gY, gw.unsqueeze(-1)], -1))
+    right.append(torch.cat([b_hat.unsqueeze(-1) * z,
+                            b_hat.unsqueeze(-1)], -1))
+    gX5_v, gX5_m = ops.cols(gw, gY)
+    gz = b_hat.unsqueeze(-1) * gX5_m
+    gb_hat = (z * gX5_m).sum(-1) + gX5_v
+    # z = Z~ / s4 with [Z~ | s4] = K^T [a^ v | a^]
+    gZ = gz / s4.unsqueeze(-1)
+    gs4 = -(gZ * z).sum(-1)
+    left.append(torch.cat([a_hat.unsqueeze(-1) * v3,
+                           a_hat.unsqueeze(-1)], -1))
+    right.append(torch.cat([gZ, gs4.unsqueeze(-1)], -1))
+    gX4_v, gX4_m = ops.rows(gs4, gZ)
+    gv = a_hat.unsqueeze(-1) * gX4_m
+    ga = ((v3 * gX4_m).sum(-1) + gX4_v) / a_top
+    gb = gb_hat / b_top
+    # Sinkhorn in reverse, as the reference backward
+    gu = _safe_div_grad(ga, a_T, u_T)
+    left.append(gu.unsqueeze(-1))
+    right.append(b_T.unsqueeze(-1))
+    gb = gb + ops.cols(gu)
+    steps = [flat[4 * t:4 * t + 4] for t in range(T)]
+    for t in reversed(range(T)):
+        b_t, u_t, a_t, s_t = steps[t]
+        b_next = steps[t + 1][0] if t + 1 < T else b_T
+        gs = _safe_div_grad(gb, b_next, s_t)
+        left.append(a_t.unsqueeze(-1))
+        right.append(gs.unsqueeze(-1))
+        gu = _safe_div_grad(ops.rows(gs), a_t, u_t)
         left.append(gu.unsqueeze(-1))
-        right.append(b_T.unsqueeze(-1))
-        gb = gb + ops.cols(gu)
-        steps = [flat[4 * t:4 * t + 4] for t in range(T)]
-        for t in reversed(range(T)):
-            b_t, u_t, a_t, s_t = steps[t]
-            b_next = steps[t + 1][0] if t + 1 < T else b_T
-            gs = _safe_div_grad(gb, b_next, s_t)
-            left.append(a_t.unsqueeze(-1))
-            right.append(gs.unsqueeze(-1))
-            gu = _safe_div_grad(ops.rows(gs), a_t, u_t)
-            left.append(gu.unsqueeze(-1))
-            right.append(b_t.unsqueeze(-1))
-            if t > 0:
-                gb = ops.cols(gu)
-        gx, gr = ops.logit_grads(torch.cat(left, -1), torch.cat(right, -1),
-                                 need_q, need_r)
-        gq = torch.autograd.grad(x, q, gx)[0] if need_q else None
-        return _grads_from_slices(B, h, gq, gr, gv)
+        right.append(b_t.unsqueeze(-1))
+        if t > 0:
+            gb = ops.cols(gu)
+    gx, gr = ops.logit_grads(torch.cat(left, -1), torch.cat(right, -1),
+                             need_q, need_r)
+    return [_unit_grad(q, gx, eps) if need_q else q.new_empty(0),
+            gr if need_r else q.new_empty(0), gv]
+
+
+def _operands(tok: Tensor, rf3: Tensor, v: Tensor) -> Tuple[Tensor, ...]:
+    """The unit references y (h, m, d), the position features tp (n, KP)
+    and rp (h, m, KP), and v as (S, n, d), as the kernels take them."""
+    d = v.shape[-1]
+    y, rp = (t.contiguous() for t in rf3.split([d, rf3.shape[-1] - d], -1))
+    return y, tok.contiguous(), rp, v.reshape(-1, *v.shape[2:]).contiguous()
+
+
+def _unit_grad(q: Tensor, gx: Tensor, eps: float) -> Tensor:
+    """dL/dq (S, n, d) for dL/dx = gx, x = q / (|q| + NORM_DELTA) / eps
+    (the chain rule autograd would apply to ``_unit``; where q = 0 the
+    norm's gradient is 0, as torch's)."""
+    q, gx = q.reshape(gx.shape), gx.contiguous()
+    r = torch.linalg.vector_norm(q, dim=-1, keepdim=True)
+    rd = r + NORM_DELTA
+    g_norm = -(q * gx).sum(-1, keepdim=True) / (rd * rd)
+    return (gx / rd + g_norm * q / torch.where(r > 0, r, 1)) / eps
+
+
+# (q (B,h,n,d), tok (n, KP), rf (1,h,m,d+KP), v (B,h,n,d), eps, T) -> y
+# (B,h,n,d): the reference ``_SeTFunction`` on the features of
+# ``_features``, with the same contract as ``fused_cpu.SeTCPUFunction``.
+# The kernels take the features' positional part apart from the rest.
+SeTTritonFunction = FusedImplementation('triton', _forward, _backward)

@@ -18,7 +18,8 @@ of rows at a time, so the backward allocates no n x m tensor at all.
 
 Fused implementations compute the same function and the same gradients:
 the compiled CPU kernel (``fused_cpu``) and the Triton kernels for CUDA
-(``fused_triton``).  :func:`set_attention` picks one in
+(``fused_triton``), each a pair of ``torch.library`` operators
+(:class:`FusedImplementation`) that torch.compile keeps in its graphs.  :func:`set_attention` picks one in
 :func:`_implementation`, the only place that chooses (on CUDA by timing
 the reference against the Triton kernels once per size class,
 :func:`fastest`); :func:`set_backend` (or ``MMSETFORMER_SET_BACKEND``)
@@ -261,16 +262,71 @@ def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
 
 # The fused kernels work on slices: (B*h, n, .) tokens, (h, m, d')
 # references.  Their autograd functions share the way back.
-def _grads_from_slices(B: int, h: int, gq: Optional[Tensor],
-                       gr: Optional[Tensor], gv: Tensor) -> tuple:
-    """Per-slice gradients back to the inputs' shapes (the references'
-    summed over the batch), as ``backward``'s (q, tok, rf, v, eps,
-    num_iters): the token positions get none."""
-    n = gv.shape[1]
-    return (None if gq is None else gq.view(B, h, n, -1), None,
-            None if gr is None else gr.view(B, h, *gr.shape[1:]).sum(
-                0, keepdim=True),
-            gv.view(B, h, n, -1), None, None)
+class FusedImplementation:
+    """A fused implementation of SeT made of two ``torch.library``
+    operators, which torch.compile keeps in its graphs (an
+    autograd.Function calling compiled code would be opaque to it), with
+    their autograd:
+
+    - ``forward_op(q, tok, rf3, v, eps, T, *extra()) -> [y, *saved]``: q, v
+      (B, h, n, d) with rows of unit stride, the token positions' features
+      tok (n, k), the references' rf3 (h, m, d + k); y (S, n, d), S = B*h.
+      The kernels build the queries' features themselves;
+    - ``backward_op(q, tok, rf3, v, [y, *saved], gy, need_q, need_rf, eps,
+      *extra) -> [gq (S, n, d), grf (S, m, d + k) per slice, gv]``, an
+      empty tensor for a gradient not needed.
+
+    The token positions get no gradient (they are constants of the map).
+    """
+
+    def __init__(self, backend: str, forward_op, backward_op,
+                 extra: Callable[[], tuple] = tuple):
+        self.backend = backend  # (its name in set_backend)
+        self.forward_op, self.extra = forward_op, extra
+
+        def setup_context(ctx, inputs, output):
+            q, tok, rf3, v, eps, _, *extra = inputs
+            ctx.save_for_backward(q, tok, rf3, v, *output)
+            ctx.args = (eps, *extra)
+
+        def backward(ctx, grads):
+            q, tok, rf3, v, *fwd = ctx.saved_tensors
+            need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+            # (only y leaves the operator: grads[1:] are None)
+            gq, gr, gv = backward_op(q, tok, rf3, v, fwd,
+                                     grads[0].contiguous(), need_q, need_r,
+                                     *ctx.args)
+            B, h, n, _ = q.shape
+            return (gq.view(B, h, n, -1) if need_q else None, None,
+                    gr.view(B, h, *gr.shape[1:]).sum(0) if need_r else None,
+                    gv.view(B, h, n, -1), None, None) + (None, ) * (
+                        len(ctx.args) - 1)
+
+        torch.library.register_autograd(forward_op, backward,
+                                        setup_context=setup_context)
+        backward_op.register_fake(_fused_grads_like)
+
+    def apply(self, q: Tensor, tok: Tensor, rf: Tensor, v: Tensor,
+              eps: float, num_iters: int) -> Tensor:
+        """y (B, h, n, d) for the references' features rf (1, h, m, d + k).
+        q and v may be views (the layer's projection split into heads)."""
+        B, h, n, d = v.shape
+        q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
+        rf3 = rf.reshape(h, *rf.shape[-2:]).contiguous()
+        y = self.forward_op(q, tok.contiguous(), rf3, v, eps, num_iters,
+                            *self.extra())[0]
+        return y.view(B, h, n, d)
+
+    def __repr__(self) -> str:
+        return f'<SeT: {self.backend} kernels>'
+
+
+def _fused_grads_like(q, tok, rf3, v, fwd, gy, need_q, need_r, *args):
+    """The shapes of a fused backward's gradients (``FusedImplementation``)."""
+    (B, h, n, d), (m, dp) = q.shape, rf3.shape[1:]
+    return [q.new_empty((B * h, n, d) if need_q else 0),
+            q.new_empty((B * h, m, dp) if need_r else 0),
+            q.new_empty(B * h, n, d)]
 
 
 def sinkhorn_scalings(K: Tensor, num_iters: int,
@@ -469,13 +525,16 @@ def set_backend(name: str):
 
 
 def _observed(x: Tensor) -> bool:
-    """Whether a tool records this call's aten ops: tracers, exporters,
-    compilers and dispatch modes (FLOP and memory counters, op recorders,
-    fake tensors).  The fused kernels are opaque to them; the reference is
-    made of the ops they understand."""
+    """Whether a tool records this call's aten ops: tracers, exporters
+    (``torch.export``, ONNX) and dispatch modes (FLOP and memory counters,
+    op recorders, fake tensors).  The fused kernels are opaque to them; the
+    reference is made of the ops they understand.  ``torch.compile`` is
+    not one of them: the fused kernels are operators it keeps in its graphs
+    (:class:`FusedImplementation`)."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() \
-        or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() \
-        or _get_current_dispatch_mode() is not None \
+        or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() \
+        or (not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is not None) \
         or x.device.type == 'meta'
 
 
@@ -513,8 +572,11 @@ def _implementation(qf: Tensor, rf_rows: int = 0,
         if _kernel_bytes(qf, rf_rows) > FUSED_CUDA_MIN_BYTES:
             # the reference would hold several such tensors
             return fused_triton.SeTTritonFunction
+        # (not while torch.compile traces: its tensors are fake, no trial
+        # can run on them; the reference then, which inductor compiles)
         if trial is not None and MEASURE and \
-                not torch.are_deterministic_algorithms_enabled():
+                not torch.are_deterministic_algorithms_enabled() and \
+                not torch.compiler.is_compiling():
             # (no timing while a CUDA graph is captured: the choice made
             # before, if any, else the reference)
             capturing = qf.device.type == 'cuda' and \
@@ -669,7 +731,7 @@ def _apply(fn, q: Tensor, refs: Tensor, v: Tensor, eps: float,
            num_iters: int, pos: Optional[Pos], sigma: Optional[float]):
     """SeT by the autograd function ``fn``, given the inputs in the compute
     dtype."""
-    if getattr(fn, 'builds_query_features', False):
+    if isinstance(fn, FusedImplementation):  # (they build qf themselves)
         tok_f, rf = _ref_features(refs, pos, sigma, q.dtype, q.device)
         if tok_f is None:
             tok_f = q.new_empty(q.shape[2], 0)
