@@ -19,8 +19,9 @@ of rows at a time, so the backward allocates no n x m tensor at all.
 Fused implementations compute the same function and the same gradients:
 the compiled CPU kernel (``fused_cpu``) and the Triton kernels for CUDA
 (``fused_triton``), each a pair of ``torch.library`` operators
-(:class:`FusedImplementation`) that torch.compile keeps in its graphs.  :func:`set_attention` picks one in
-:func:`_implementation`, the only place that chooses (on CUDA by timing
+(:class:`FusedImplementation`) that torch.compile keeps in its graphs.
+:func:`set_attention` picks one in :func:`_implementation`, the only place
+that chooses (on CUDA by timing
 the reference against the Triton kernels once per size class,
 :func:`fastest`); :func:`set_backend` (or ``MMSETFORMER_SET_BACKEND``)
 forces one.
@@ -261,7 +262,7 @@ def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
 
 
 # The fused kernels work on slices: (B*h, n, .) tokens, (h, m, d')
-# references.  Their autograd functions share the way back.
+# references; they share their operators' autograd.
 class FusedImplementation:
     """A fused implementation of SeT made of two ``torch.library``
     operators, which torch.compile keeps in its graphs (an
@@ -530,7 +531,8 @@ def _observed(x: Tensor) -> bool:
     op recorders, fake tensors).  The fused kernels are opaque to them; the
     reference is made of the ops they understand.  ``torch.compile`` is
     not one of them: the fused kernels are operators it keeps in its graphs
-    (:class:`FusedImplementation`)."""
+    (:class:`FusedImplementation`; dynamo cannot trace the query of the
+    dispatch modes, and its own fake tensors are not the user's)."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() \
         or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() \
         or (not torch.compiler.is_compiling()
@@ -540,7 +542,7 @@ def _observed(x: Tensor) -> bool:
 
 def _implementation(qf: Tensor, rf_rows: int = 0,
                     trial: Optional[Callable] = None):
-    """The autograd function that computes SeT for queries or their
+    """The implementation that computes SeT for queries or their
     features ``qf`` (B, h, n, .) against ``rf_rows`` references;
     ``trial(fn)`` runs the call at hand with ``fn`` where ``auto`` measures
     (CUDA, see :data:`MEASURE`)."""
@@ -729,7 +731,8 @@ def set_attention(q: Tensor,
 
 def _apply(fn, q: Tensor, refs: Tensor, v: Tensor, eps: float,
            num_iters: int, pos: Optional[Pos], sigma: Optional[float]):
-    """SeT by the autograd function ``fn``, given the inputs in the compute
+    """SeT by the implementation ``fn`` (the reference's autograd function
+    or a :class:`FusedImplementation`), given the inputs in the compute
     dtype."""
     if isinstance(fn, FusedImplementation):  # (they build qf themselves)
         tok_f, rf = _ref_features(refs, pos, sigma, q.dtype, q.device)
