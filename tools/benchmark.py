@@ -36,6 +36,7 @@ import json
 import os
 import os.path as osp
 import platform
+import re
 import statistics
 import sys
 import time
@@ -304,9 +305,14 @@ def kernel_times(call: Callable, device, top: int = 10) -> list:
                              else ProfilerActivity.CPU]) as p:
         call()
         _sync(device)
-    rows = [dict(kernel=e.key, calls=e.count, ms=(
-        e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3)
-        for e in p.key_averages()]
+    # (a custom operator with autograd runs inside an autograd.Function
+    # torch generates, whose profiler label is "GeneratedBackwardFor_<ns>_
+    # <op>_default": the operator's forward, named as the operator)
+    rows = [dict(kernel=re.sub(r'^GeneratedBackwardFor_([a-z0-9]+)_(\w+)'
+                               r'_default$', r'\1::\2', e.key),
+                 calls=e.count, ms=(e.self_device_time_total if cuda
+                                    else e.self_cpu_time_total) / 1e3)
+            for e in p.key_averages()]
     rows = sorted((r for r in rows if r['ms'] > 0), key=lambda r: -r['ms'])
     total = sum(r['ms'] for r in rows)
     if len(rows) > top + 1:
