@@ -464,6 +464,40 @@ def backbones(quick, swin='mmdet', cuda=False):
     }
 
 
+def _inference(mod, x, amp=None, run=None) -> Callable:
+    """One batch through ``run`` (default: the module ``mod`` itself, or
+    e.g. its compiled wrapper) in eval mode, without autograd; ``amp``:
+    the autocast dtype, if any."""
+    run = mod if run is None else run
+
+    def call():
+        mod.eval()
+        with torch.no_grad(), torch.autocast(
+                x.device.type, dtype=amp or torch.float32,
+                enabled=amp is not None):
+            run(x)
+    return call
+
+
+def _train_step(mod, x, amp=None, run=None) -> Callable:
+    """One AdamW step of ``mod`` on the mean of ``run``'s outputs (as
+    :func:`_inference`), with a gradient scaler under ``amp``."""
+    run = mod if run is None else run
+    opt = torch.optim.AdamW(mod.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp is not None)
+
+    def call():
+        mod.train()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp or torch.float32,
+                            enabled=amp is not None):
+            loss = sum(o.float().mean() for o in run(x))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    return call
+
+
 def bench_backbone(args, device, report):
     from mmsetformer.analysis import complexity
 
@@ -494,28 +528,10 @@ def bench_backbone(args, device, report):
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
 
         def infer(mod, amp):
-            def call():
-                mod.eval()
-                with torch.no_grad(), torch.autocast(
-                        device.type, dtype=amp or torch.float32,
-                        enabled=amp is not None):
-                    mod(x)
-            return call
+            return _inference(mod, x, amp)
 
         def train(mod, amp):
-            opt = torch.optim.AdamW(mod.parameters(), lr=1e-4)
-            scaler = torch.amp.GradScaler(device.type, enabled=amp is not None)
-
-            def call():
-                mod.train()
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp or torch.float32,
-                                    enabled=amp is not None):
-                    loss = sum(o.float().mean() for o in mod(x))
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            return call
+            return _train_step(mod, x, amp)
 
         for (mode, make), amp in [(mk, amp) for mk in (
                 ('inference', infer), ('train step', train))
@@ -558,6 +574,52 @@ def bench_backbone(args, device, report):
         gc.collect()
     report['backbone'] = rows
     report['swin'] = swin
+
+
+# -- opt-in part (--only compile): torch.compile ------------------------------
+def bench_compile(args, device, report):
+    """SeTformer-T eager and under torch.compile (inductor), with the fused
+    SeT kernels kept in the compiled graph (what users get) and with the
+    reference SeT compiled instead (what a compiled SeTformer ran before
+    the kernels were operators), against eager Swin-T in the same run.
+    Compiling takes minutes on a 2-core CPU, so this part is opt-in; the
+    first call of each candidate (compilation included) is reported."""
+    cuda = device.type == 'cuda'
+    b, size, m = (2, 64, 64) if args.quick else (64 if cuda else 8, 224, 500)
+    x = torch.randn(b, 3, size, size, device=device)
+    swin = swin_source(args.swin)
+    # (label, SeTformer or Swin, compiled, SeT backend while tracing)
+    cands = [('Swin-T', 'swin', False, 'auto'),
+             ('SeTformer-T', 't', False, 'auto'),
+             ('SeTformer-T compiled', 't', True, 'auto'),
+             ('SeTformer-T compiled (reference SeT)', 't', True, 'reference')]
+    rows = []
+    for mode, make in (('inference', _inference),
+                       ('train step', _train_step)):
+        calls, first = {}, {}
+        for label, arch, compiled, backend in cands:
+            torch.manual_seed(0)
+            mod = (_setformer(arch, m) if arch != 'swin' else _swin(
+                (2, 2, 6, 2), (3, 6, 12, 24), source=swin,
+                hw=(size, size))).to(device)
+            torch._dynamo.reset()
+            run = torch.compile(mod) if compiled else None
+            calls[label] = _forced(make(mod, x, run=run), backend)
+            t0 = time.perf_counter()
+            calls[label]()  # (compiles)
+            _sync(device)
+            first[label] = time.perf_counter() - t0
+            print(f'  compile {mode:10s} {label:37s} first call '
+                  f'{first[label]:6.1f} s', flush=True)
+        times = Interleaved(device, 1 if args.quick else _repeats(
+            args, device)).run(calls)
+        for label in calls:
+            rows.append(dict(setting=f'{size}x{size}, batch {b}', mode=mode,
+                             model=label, time=times[label],
+                             first_call=first[label]))
+            print(f'  compile {mode:10s} {label:37s} {times[label]:7.3f} s',
+                  flush=True)
+    report['compile'] = rows
 
 
 # -- part 3: whole models -----------------------------------------------------
@@ -849,6 +911,19 @@ def to_markdown(report) -> str:
                        f'{r["time"] / ref[r["model"]]["time"]:.2f} | '
                        f'{r["params"] / 1e6:.1f} |')
         out.append('')
+    if 'compile' in report:
+        rows = report['compile']
+        out += [f'**torch.compile** (inductor, {rows[0]["setting"]}; the '
+                'first call includes compiling; SeT while compiling: the '
+                'fused kernels, kept in the graph, or the reference):', '',
+                '| mode | model | time s | time vs Swin-T (eager) | first '
+                'call s |', '| --- | --- | --- | --- | --- |']
+        swin = {r['mode']: r['time'] for r in rows if r['model'] == 'Swin-T'}
+        for r in rows:
+            out.append(f'| {r["mode"]} | {r["model"]} | {r["time"]:.3f} | '
+                       f'{r["time"] / swin[r["mode"]]:.2f} | '
+                       f'{r["first_call"]:.0f} |')
+        out.append('')
     if 'sinkhorn' in report:
         sk = report['sinkhorn']
         out += [f'**Sinkhorn iterations** (n = {sk["n"]}, m = {sk["m"]}, '
@@ -928,7 +1003,10 @@ def machine() -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--only', nargs='+',
-                   choices=['operator', 'backbone', 'model', 'sinkhorn'])
+                   choices=['operator', 'backbone', 'model', 'sinkhorn',
+                            'compile'],
+                   help='parts to run (default: all but compile, which '
+                   'takes minutes of compiling: --only compile)')
     p.add_argument('--quick', action='store_true')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--device', default='cpu')
@@ -964,6 +1042,8 @@ def main():
     parts = args.only or ['operator', 'backbone', 'model'] + (
         ['sinkhorn'] if device.type == 'cpu' else [])
     name = 'benchmark' if device.type == 'cpu' else f'benchmark_{device.type}'
+    if parts == ['compile']:  # (beside the full report, not over it)
+        name += '_compile'
 
     for part in parts:
         print(f'== {part}', flush=True)
