@@ -178,8 +178,9 @@ def why_unavailable() -> str:
 # their autograd and their output shapes registered: torch.compile keeps
 # them in its graphs, where an autograd.Function calling the extension
 # would be opaque to dynamo and a compiled model would run the reference
-# (SeTformer-T, 8 x 224^2 inference compiled by inductor, AMD EPYC: 0.88 s
-# with the kernel, 1.47 s with the reference).
+# (SeTformer-T compiled by inductor, 8 x 224^2, AMD EPYC: inference 0.92 s
+# with the kernel, 1.69 s with the reference; a training step 2.76 against
+# 5.00 s: results/benchmark_compile.md).
 # The forward returns y and what the backward needs: per slice
 # (S = B*h), A, Uv (T+1, n), Bv (T+1, m), Sv (max(T, 1), m), z (m, d),
 # s4 (m), w (n) and the scalings' maxima (2).
