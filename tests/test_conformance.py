@@ -13,6 +13,7 @@ import torch.distributed as dist
 from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from shrink import ROOT, TINY_ARCH, TINY_DIMS, det_config, seg_config
+from test_fused import _record
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mmsetformer  # noqa: F401  (registers)
@@ -240,9 +241,8 @@ def test_torch_compile_one_graph_keeps_the_fused_kernel(monkeypatch):
     eager.square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    calls, forward = [], fused_cpu._ext.forward
-    monkeypatch.setattr(fused_cpu._ext, 'forward',
-                        lambda *a: calls.append(1) or forward(*a))
+    calls = []
+    _record(monkeypatch, fused_cpu._ext, 'forward', calls)
     torch._dynamo.reset()
     out = torch.compile(model, backend='aot_eager', fullgraph=True)(x)
     out.square().sum().backward()

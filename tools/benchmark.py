@@ -527,24 +527,18 @@ def bench_backbone(args, device, report):
         x = torch.randn(b, 3, h, w, device=device)
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
 
-        def infer(mod, amp):
-            return _inference(mod, x, amp)
-
-        def train(mod, amp):
-            return _train_step(mod, x, amp)
-
         for (mode, make), amp in [(mk, amp) for mk in (
-                ('inference', infer), ('train step', train))
+                ('inference', _inference), ('train step', _train_step))
                 for amp in precisions]:
             # one training step at detection size on the CPU takes ~30 s
             # for the three models: one timed step each, after two warm-up
             # steps (Swin-T's second step there took 4.2-8.2 s, later ones
             # steadier)
-            slow = h > 512 and device.type == 'cpu' and make is train
+            slow = h > 512 and device.type == 'cpu' and make is _train_step
             reps = 1 if args.quick or slow else _repeats(args, device)
             if amp is not None:
                 mode += ', AMP fp16'
-            cands = {k: make(mod, amp) for k, mod in models.items()}
+            cands = {k: make(mod, x, amp) for k, mod in models.items()}
             # a GPU lease is short: at most ~30 s of timed rounds a mode,
             # judged from a second warm-up call (the first compiles)
             cuda = device.type == 'cuda'
@@ -587,21 +581,20 @@ def bench_compile(args, device, report):
     cuda = device.type == 'cuda'
     b, size, m = (2, 64, 64) if args.quick else (64 if cuda else 8, 224, 500)
     x = torch.randn(b, 3, size, size, device=device)
-    swin = swin_source(args.swin)
-    # (label, SeTformer or Swin, compiled, SeT backend while tracing)
-    cands = [('Swin-T', 'swin', False, 'auto'),
-             ('SeTformer-T', 't', False, 'auto'),
-             ('SeTformer-T compiled', 't', True, 'auto'),
-             ('SeTformer-T compiled (reference SeT)', 't', True, 'reference')]
+    makers = backbones(False, swin_source(args.swin))
+    # (label, backbone, compiled, SeT backend while tracing)
+    cands = [('Swin-T', 'Swin-T', False, 'auto'),
+             ('SeTformer-T', 'SeTformer-T', False, 'auto'),
+             ('SeTformer-T compiled', 'SeTformer-T', True, 'auto'),
+             ('SeTformer-T compiled (reference SeT)', 'SeTformer-T', True,
+              'reference')]
     rows = []
     for mode, make in (('inference', _inference),
                        ('train step', _train_step)):
         calls, first = {}, {}
-        for label, arch, compiled, backend in cands:
+        for label, name, compiled, backend in cands:
             torch.manual_seed(0)
-            mod = (_setformer(arch, m) if arch != 'swin' else _swin(
-                (2, 2, 6, 2), (3, 6, 12, 24), source=swin,
-                hw=(size, size))).to(device)
+            mod = makers[name](m, (size, size)).to(device)
             torch._dynamo.reset()
             run = torch.compile(mod) if compiled else None
             calls[label] = _forced(make(mod, x, run=run), backend)

@@ -308,12 +308,10 @@ def _query_features(q: Tensor, eps: float) -> Tensor:
 def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
              num_iters: int) -> List[Tensor]:
     (B, h, n, _), m = v.shape, rf3.shape[1]
-    x = _query_features(q, eps)
-    y, tp, rp, v3 = _operands(tok, rf3, v)
-    ops = _Passes(x, y, tp, rp)
+    ops, v3 = _bind(q, tok, rf3, v, eps)
     # Sinkhorn, as sinkhorn_scalings: b_0 = 1, u_t = K b_t,
     # a_t = 1 / (n u_t), s_t = K^T a_t, b_{t+1} = 1 / (m s_t)
-    b = x.new_ones(B * h, m)
+    b = v3.new_ones(B * h, m)
     steps = []
     for _ in range(num_iters):
         u = ops.rows(b)
@@ -350,9 +348,7 @@ def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
     tensor for a gradient not needed."""
     (y, Mx, a_top, b_top, s4, z, w, b_T, u_T, a_T, *flat) = fwd
     T = len(flat) // 4
-    x = _query_features(q, eps)
-    y_ref, tp, rp, v3 = _operands(tok, rf3, v)
-    ops = _Passes(x, y_ref, tp, rp, Mx)
+    ops, v3 = _bind(q, tok, rf3, v, eps, Mx)
     a_hat, b_hat = a_T / a_top, b_T / b_top
     left, right = [], []
     # y = Y~ / w with [Y~ | w] = K [b^ z | b^]
@@ -397,12 +393,15 @@ def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
             gr if need_r else q.new_empty(0), gv]
 
 
-def _operands(tok: Tensor, rf3: Tensor, v: Tensor) -> Tuple[Tensor, ...]:
-    """The unit references y (h, m, d), the position features tp (n, KP)
-    and rp (h, m, KP), and v as (S, n, d), as the kernels take them."""
+def _bind(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
+          Mx: Optional[Tensor] = None) -> Tuple['_Passes', Tensor]:
+    """The kernels bound to the operators' inputs (the queries' features,
+    the unit references and the position features apart), and v as
+    (S, n, d)."""
     d = v.shape[-1]
     y, rp = (t.contiguous() for t in rf3.split([d, rf3.shape[-1] - d], -1))
-    return y, tok.contiguous(), rp, v.reshape(-1, *v.shape[2:]).contiguous()
+    return _Passes(_query_features(q, eps), y, tok.contiguous(), rp, Mx), \
+        v.reshape(-1, *v.shape[2:]).contiguous()
 
 
 def _unit_grad(q: Tensor, gx: Tensor, eps: float) -> Tensor:
