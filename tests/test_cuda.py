@@ -46,6 +46,11 @@ def test_auto_measures_once_per_size_class_on_cuda(monkeypatch):
     check_auto_measures(monkeypatch, 'cuda')
 
 
+def test_auto_measures_while_inductor_compiles(monkeypatch):
+    from test_fused import check_auto_measures_while_compiling
+    check_auto_measures_while_compiling(monkeypatch, 'cuda', 'inductor')
+
+
 def test_inductor_keeps_the_triton_kernels():
     """torch.compile (inductor, one graph) around SeT with the Triton
     kernels forced: they run as the operators they are registered as, with

@@ -293,10 +293,10 @@ def test_torch_compile_keeps_the_fused_kernels(backend, monkeypatch):
     schemas, fake shapes and autograd consistent with the kernels. Under
     torch.compile SeT runs them, forward and backward in one graph, with
     the reference's outputs and gradients: the CPU kernel under ``auto``;
-    Triton's where ``auto`` takes them without measuring, and when forced.
-    ``auto`` measures nothing while dynamo traces (no trial can run on its
-    fake tensors): the reference then. torch.export records the
-    reference, made of the ops exporters know."""
+    Triton's where ``auto`` takes them without measuring, and when forced
+    (below that size with measuring off, the reference;
+    ``test_auto_measures_while_compiling`` has the measuring). torch.export
+    records the reference, made of the ops exporters know."""
     q, v, r = _inputs(2, 2, 20, 6, 5, torch.float32)
     pos = _pos((4, 5), (2, 3), torch.float32)
     kw = dict(eps=0.3, num_iters=2, pos=pos, sigma=0.5)
@@ -328,6 +328,7 @@ def test_torch_compile_keeps_the_fused_kernels(backend, monkeypatch):
             elif setting is not None:
                 monkeypatch.setattr(set_attention_module,
                                     'FUSED_CUDA_MIN_BYTES', setting)
+                monkeypatch.setattr(set_attention_module, 'MEASURE', False)
             out = _grads(_compiled(kw)(q, v, r), (q, v, r))
         if backend == 'cpu':
             assert calls == ['forward', 'backward']
@@ -478,6 +479,79 @@ def test_auto_measures_where_it_considers_triton(monkeypatch):
     if fused_triton.why_unavailable(torch.zeros(1)):
         pytest.skip(fused_triton.why_unavailable(torch.zeros(1)))
     check_auto_measures(monkeypatch, 'cpu')
+
+
+def check_auto_measures_while_compiling(monkeypatch, device, backend,
+                                        prefer=None):
+    """Under torch.compile (one graph), ``auto`` where it considers the
+    Triton kernels measures them against the reference while dynamo traces,
+    on real tensors of the traced shapes, once per size class: a class
+    measured before (in eager mode too) is not measured again, and the
+    graph runs the faster one with the reference's outputs and gradients.
+    With dynamic shapes it measures nothing: the reference. ``prefer``:
+    {backend: time} instead of timing."""
+    m = set_attention_module
+    q, v, r = (t.detach().to(device).requires_grad_()
+               for t in _inputs(2, 2, 20, 5, 6, torch.float32, seed=8))
+    pos = tuple(p.to(device) for p in _pos((4, 5), (1, 5), torch.float32))
+    kw = dict(eps=0.3, num_iters=2, pos=pos, sigma=0.5)
+    ref = _run('reference', q, v, r, **kw)
+    launches, timed = [], []
+    _record(monkeypatch, fused_triton, '_launch', launches)
+    real_timed = m._timed
+
+    def timing(trial, fn):
+        timed.append(fn.backend)
+        return prefer[fn.backend] if prefer else real_timed(trial, fn)
+    monkeypatch.setattr(m, '_timed', timing)
+
+    def compiled_run(**compile_kw):
+        """Compile, run once (tracing, measuring), then run the graph
+        alone: (outputs and gradients, whether it launched Triton)."""
+        torch._dynamo.reset()
+        fn = torch.compile(lambda q, v, r: set_attention(q, v, r, **kw),
+                           backend=backend, fullgraph=True, **compile_kw)
+        _grads(fn(q, v, r), (q, v, r))
+        launches.clear()
+        return _grads(fn(q, v, r), (q, v, r)), bool(launches)
+
+    for turn in range(2 if prefer else 1):
+        if turn:  # the other way round
+            prefer = {k: -t for k, t in prefer.items()}
+        monkeypatch.setattr(m, '_MEASURED', {})
+        timed.clear()
+        out, triton = compiled_run()
+        (seen, ) = m.measured_choices()
+        assert sorted(timed) == ['reference'] * 2 + ['triton'] * 2
+        assert seen['backward'] and seen['device'].startswith(device)
+        assert seen['choice'] == min(seen['times'], key=seen['times'].get)
+        assert triton == (seen['choice'] == 'triton'), seen
+        for a, b in zip(out, ref):
+            assert torch.allclose(a.cpu(), b, atol=1e-5, rtol=1e-4)
+    # a choice measured in eager mode serves the compiled graph
+    monkeypatch.setattr(m, '_MEASURED', {})
+    set_attention(q, v, r, **kw).sum().backward()
+    (seen, ) = m.measured_choices()
+    timed.clear()
+    assert compiled_run()[1] == (seen['choice'] == 'triton')
+    assert not timed and len(m.measured_choices()) == 1
+    # symbolic shapes: nothing to measure on
+    monkeypatch.setattr(m, '_MEASURED', {})
+    out, triton = compiled_run(dynamic=True)
+    assert not triton and not timed and not m.measured_choices()
+
+
+def test_auto_measures_while_compiling(monkeypatch):
+    """As on CUDA, with the CPU in the Triton kernels' devices (their
+    interpreter; the compiled CPU kernel unavailable) and the timings
+    given, each way round."""
+    if fused_triton.why_unavailable(torch.zeros(1)):
+        pytest.skip(fused_triton.why_unavailable(torch.zeros(1)))
+    monkeypatch.setattr(fused_cpu, '_ext', None)
+    monkeypatch.setattr(set_attention_module, '_TRITON_DEVICES', ('cpu', ))
+    check_auto_measures_while_compiling(monkeypatch, 'cpu', 'aot_eager',
+                                        prefer={'triton': 1.,
+                                                'reference': 2.})
 
 
 def test_measuring_inside_activation_checkpointing(monkeypatch):

@@ -573,9 +573,11 @@ def bench_backbone(args, device, report):
 # -- opt-in part (--only compile): torch.compile ------------------------------
 def bench_compile(args, device, report):
     """SeTformer-T eager and under torch.compile (inductor), with the fused
-    SeT kernels kept in the compiled graph (what users get) and with the
-    reference SeT compiled instead (what a compiled SeTformer ran before
-    the kernels were operators), against eager Swin-T in the same run.
+    SeT kernels kept in the compiled graph (what users get: on CUDA, what
+    ``auto`` measures while dynamo traces) and with the reference SeT
+    compiled instead (what a compiled SeTformer ran before the kernels
+    were operators; on CUDA also the Triton kernels forced), against eager
+    Swin-T in the same run.
     Compiling takes minutes on a 2-core CPU, so this part is opt-in; the
     first call of each candidate (compilation included) is reported."""
     cuda = device.type == 'cuda'
@@ -588,6 +590,9 @@ def bench_compile(args, device, report):
              ('SeTformer-T compiled', 'SeTformer-T', True, 'auto'),
              ('SeTformer-T compiled (reference SeT)', 'SeTformer-T', True,
               'reference')]
+    if cuda:  # auto measures these two while dynamo traces; both, forced
+        cands.append(('SeTformer-T compiled (Triton SeT)', 'SeTformer-T',
+                      True, 'triton'))
     rows = []
     for mode, make in (('inference', _inference),
                        ('train step', _train_step)):

@@ -574,19 +574,60 @@ def _implementation(qf: Tensor, rf_rows: int = 0,
         if _kernel_bytes(qf, rf_rows) > FUSED_CUDA_MIN_BYTES:
             # the reference would hold several such tensors
             return fused_triton.SeTTritonFunction
-        # (not while torch.compile traces: its tensors are fake, no trial
-        # can run on them; the reference then, which inductor compiles)
         if trial is not None and MEASURE and \
-                not torch.are_deterministic_algorithms_enabled() and \
-                not torch.compiler.is_compiling():
+                not torch.are_deterministic_algorithms_enabled():
+            if torch.compiler.is_compiling():
+                # dynamo's tensors are fake: the choice is made on real
+                # ones of the traced shapes while it traces, and the graph
+                # keeps it; the reference where shapes are symbolic (one
+                # graph for many sizes). (A name: dynamo cannot read an
+                # autograd.Function's attributes.)
+                if _static_shapes() and \
+                        _traced_choice(trial.spec()) == 'triton':
+                    return fused_triton.SeTTritonFunction
+                return _SeTFunction
             # (no timing while a CUDA graph is captured: the choice made
             # before, if any, else the reference)
             capturing = qf.device.type == 'cuda' and \
                 torch.cuda.is_current_stream_capturing()
-            return fastest((_SeTFunction, fused_triton.SeTTritonFunction),
-                           _size_class(qf, rf_rows), trial,
+            return fastest(_candidates(), _size_class(qf, rf_rows), trial,
                            measure=not capturing)
     return _SeTFunction
+
+
+def _candidates() -> tuple:
+    """What ``auto`` measures on CUDA, the default first."""
+    from . import fused_triton
+    return _SeTFunction, fused_triton.SeTTritonFunction
+
+
+@torch.compiler.assume_constant_result
+def _static_shapes() -> bool:
+    """Whether the graph dynamo traces has no symbolic sizes (dynamic
+    shapes make them symbols; dynamo answers ``isinstance(size, int)``
+    with True for those too, so its shape environment is asked)."""
+    try:
+        env = torch._guards.TracingContext.try_get().fake_mode.shape_env
+        return not (env.backed_var_to_val if hasattr(
+            env, 'backed_var_to_val') else env.var_to_val)  # (older torch)
+    except AttributeError:  # no context, no fake mode or no shape env
+        return False
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(spec: tuple) -> str:
+    """The backend :func:`fastest` picks for calls like ``spec``
+    (:meth:`_Trial.spec`), measured on random tensors of its shapes unless
+    the size class was measured before (in eager mode too).  Dynamo runs
+    this for real while it traces and keeps the result as a constant."""
+    device, eps, T, sigma, grad, leaves = spec
+    made = [torch.rand(shape, dtype=dtype, device=device)
+            .requires_grad_(needs) for shape, dtype, needs in leaves]
+    q, refs, v, *pos = made
+    trial = _Trial((q, refs, v, eps, T, tuple(pos) or None, sigma))
+    with torch.set_grad_enabled(grad):
+        return fastest(_candidates(), _size_class(q, refs.shape[1]),
+                       trial).backend
 
 
 # Where `auto` considers the Triton kernels (the CPU has its own; the
@@ -765,6 +806,15 @@ class _Trial:
     def key(self) -> tuple:
         """The call's part of the size class: iterations, LPE, backward."""
         return (self.args[4], self.args[5] is None, self.grad)
+
+    def spec(self) -> tuple:
+        """The call as constants (device, eps, T, sigma, backward, and each
+        input's shape, dtype and requires_grad), from which
+        :func:`_traced_choice` rebuilds it."""
+        leaves = tuple((tuple(t.shape), t.dtype, t.requires_grad)
+                       for t in self._leaves())
+        _, _, _, eps, T, _, sigma = self.args
+        return (str(self.device), eps, T, sigma, self.grad, leaves)
 
     def __call__(self, fn):
         grad = self.grad
