@@ -243,7 +243,7 @@ def test_cpu_kernel_is_built_and_chosen(monkeypatch):
     q = torch.randn(1, 2, 10, 4)
     assert get_backend() == 'auto'
     set_attention(q, q, q[0, :, :5], eps=0.3, num_iters=1)
-    assert chosen[-1] is fused_cpu.SeTCPUFunction
+    assert chosen[-1] is fused_cpu.IMPLEMENTATION
     # the reference where tools record aten ops: tracers, dispatch modes
     torch.jit.trace(
         lambda q: set_attention(q, q, q[0, :, :5], eps=0.3, num_iters=1), q,

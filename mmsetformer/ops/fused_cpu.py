@@ -231,5 +231,5 @@ def _shapes(q: Tensor, rf3: Tensor, num_iters: int, stream_bytes: int,
 # features ``qf = [q / (|q| + NORM_DELTA) / eps, tok]`` (as ``_features``),
 # which the kernel builds itself; q and v are read where the layer's
 # projection put them, no copy made.
-SeTCPUFunction = FusedImplementation(
+IMPLEMENTATION = FusedImplementation(
     'cpu', _forward, _backward, lambda: (STREAM_BYTES, SHARE_BYTES))

@@ -417,6 +417,6 @@ def _unit_grad(q: Tensor, gx: Tensor, eps: float) -> Tensor:
 
 # (q (B,h,n,d), tok (n, KP), rf (1,h,m,d+KP), v (B,h,n,d), eps, T) -> y
 # (B,h,n,d): the reference ``_SeTFunction`` on the features of
-# ``_features``, with the same contract as ``fused_cpu.SeTCPUFunction``.
+# ``_features``, with the same contract as ``fused_cpu.IMPLEMENTATION``.
 # The kernels take the features' positional part apart from the rest.
-SeTTritonFunction = FusedImplementation('triton', _forward, _backward)
+IMPLEMENTATION = FusedImplementation('triton', _forward, _backward)

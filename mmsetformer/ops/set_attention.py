@@ -559,21 +559,21 @@ def _implementation(qf: Tensor, rf_rows: int = 0,
                                'compiled kernel: ' + (
                                    fused_cpu.why_unavailable() or
                                    f'inputs are on {qf.device}'))
-        return fused_cpu.SeTCPUFunction
+        return fused_cpu.IMPLEMENTATION
     if name == 'triton':
         reason = fused_triton.why_unavailable(qf)
         if reason:
             raise RuntimeError(f'SeT backend "triton" cannot run: {reason}')
-        return fused_triton.SeTTritonFunction
+        return fused_triton.IMPLEMENTATION
     if _observed(qf):
         return _SeTFunction
     if qf.device.type == 'cpu' and fused_cpu.available():
-        return fused_cpu.SeTCPUFunction
+        return fused_cpu.IMPLEMENTATION
     if qf.device.type in _TRITON_DEVICES and \
             not fused_triton.why_unavailable(qf):
         if _kernel_bytes(qf, rf_rows) > FUSED_CUDA_MIN_BYTES:
             # the reference would hold several such tensors
-            return fused_triton.SeTTritonFunction
+            return fused_triton.IMPLEMENTATION
         if trial is not None and MEASURE and \
                 not torch.are_deterministic_algorithms_enabled():
             if torch.compiler.is_compiling():
@@ -584,7 +584,7 @@ def _implementation(qf: Tensor, rf_rows: int = 0,
                 # autograd.Function's attributes.)
                 if _static_shapes() and \
                         _traced_choice(trial.spec()) == 'triton':
-                    return fused_triton.SeTTritonFunction
+                    return fused_triton.IMPLEMENTATION
                 return _SeTFunction
             # (no timing while a CUDA graph is captured: the choice made
             # before, if any, else the reference)
@@ -598,7 +598,7 @@ def _implementation(qf: Tensor, rf_rows: int = 0,
 def _candidates() -> tuple:
     """What ``auto`` measures on CUDA, the default first."""
     from . import fused_triton
-    return _SeTFunction, fused_triton.SeTTritonFunction
+    return _SeTFunction, fused_triton.IMPLEMENTATION
 
 
 @torch.compiler.assume_constant_result
