@@ -488,8 +488,9 @@ def check_auto_measures_while_compiling(monkeypatch, device, backend,
     on real tensors of the traced shapes, once per size class: a class
     measured before (in eager mode too) is not measured again, and the
     graph runs the faster one with the reference's outputs and gradients.
-    With dynamic shapes it measures nothing: the reference. ``prefer``:
-    {backend: time} instead of timing."""
+    The trials run in fp32 also where the compiled call runs under
+    autocast. With dynamic shapes it measures nothing: the reference.
+    ``prefer``: {backend: time} instead of timing."""
     m = set_attention_module
     q, v, r = (t.detach().to(device).requires_grad_()
                for t in _inputs(2, 2, 20, 5, 6, torch.float32, seed=8))
@@ -502,16 +503,19 @@ def check_auto_measures_while_compiling(monkeypatch, device, backend,
 
     def timing(trial, fn):
         timed.append(fn.backend)
+        assert not torch.is_autocast_enabled(device)
         return prefer[fn.backend] if prefer else real_timed(trial, fn)
     monkeypatch.setattr(m, '_timed', timing)
 
-    def compiled_run(**compile_kw):
-        """Compile, run once (tracing, measuring), then run the graph
-        alone: (outputs and gradients, whether it launched Triton)."""
+    def compiled_run(amp=False, **compile_kw):
+        """Compile, run once (tracing, measuring; under bf16 autocast with
+        ``amp``), then run the graph alone: (outputs and gradients,
+        whether it launched Triton)."""
         torch._dynamo.reset()
         fn = torch.compile(lambda q, v, r: set_attention(q, v, r, **kw),
                            backend=backend, fullgraph=True, **compile_kw)
-        _grads(fn(q, v, r), (q, v, r))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            _grads(fn(q, v, r), (q, v, r))
         launches.clear()
         return _grads(fn(q, v, r), (q, v, r)), bool(launches)
 
@@ -520,7 +524,7 @@ def check_auto_measures_while_compiling(monkeypatch, device, backend,
             prefer = {k: -t for k, t in prefer.items()}
         monkeypatch.setattr(m, '_MEASURED', {})
         timed.clear()
-        out, triton = compiled_run()
+        out, triton = compiled_run(amp=not turn)
         (seen, ) = m.measured_choices()
         assert sorted(timed) == ['reference'] * 2 + ['triton'] * 2
         assert seen['backward'] and seen['device'].startswith(device)

@@ -621,13 +621,16 @@ def _traced_choice(spec: tuple) -> str:
     """The backend :func:`fastest` picks for calls like ``spec``
     (:meth:`_Trial.spec`), measured on random tensors of its shapes unless
     the size class was measured before (in eager mode too).  Dynamo runs
-    this for real while it traces and keeps the result as a constant."""
+    this for real while it traces and keeps the result as a constant;
+    the call's grad mode and fp32 (no autocast) are set here rather than
+    taken from whatever real modes the tracing leaves on."""
     device, eps, T, sigma, grad, leaves = spec
-    made = [torch.rand(shape, dtype=dtype, device=device)
-            .requires_grad_(needs) for shape, dtype, needs in leaves]
-    q, refs, v, *pos = made
-    trial = _Trial((q, refs, v, eps, T, tuple(pos) or None, sigma))
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), torch.autocast(
+            torch.device(device).type, enabled=False):
+        q, refs, v, *pos = (
+            torch.rand(shape, dtype=dtype, device=device).requires_grad_(
+                grad and needs) for shape, dtype, needs in leaves)
+        trial = _Trial((q, refs, v, eps, T, tuple(pos) or None, sigma))
         return fastest(_candidates(), _size_class(q, refs.shape[1]),
                        trial).backend
 
