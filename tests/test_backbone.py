@@ -1,5 +1,6 @@
 """SeTformer backbone: shapes, variants, training switches, loading and
 registrations (issue: SeTformer backbones M/T/S/B)."""
+import importlib
 import math
 
 import pytest
@@ -115,6 +116,34 @@ def test_norm_eval_keeps_norms_in_eval():
     stats = bn.running_mean.clone()
     model(torch.randn(2, 3, 32, 32))
     assert torch.equal(stats, bn.running_mean)
+
+
+def test_layers_share_positions_within_a_forward(monkeypatch):
+    """The SeT layers of a stage use the same token and reference
+    positions and LPE features, built once per shape in a forward pass
+    (not once per layer), with the outputs and gradients of building them
+    in every layer."""
+    sa = importlib.import_module('mmsetformer.ops.set_attention')
+    built = []
+    real = sa._position_features
+    monkeypatch.setattr(sa, '_position_features',
+                        lambda *a: built.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = SeTformer(dict(embed_dims=16, depths=[2, 3, 2, 2],
+                           num_heads=[1, 2, 2, 4]), num_refs=12,
+                      drop_path_rate=0.)
+    x = torch.randn(2, 3, 64, 96)
+    outs = [model(x)]
+    grads = [torch.autograd.grad(sum(o.square().sum() for o in outs[0]),
+                                 list(model.parameters()))]
+    assert len(built) == 4  # one token grid per stage
+    monkeypatch.setattr(sa, '_memo', lambda key, make, *tensors: make())
+    outs.append(model(x))
+    grads.append(torch.autograd.grad(
+        sum(o.square().sum() for o in outs[1]), list(model.parameters())))
+    assert len(built) == 4 + 9  # every layer
+    for a, b in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        assert torch.equal(a, b)
 
 
 def test_with_cp_same_outputs_and_grads():

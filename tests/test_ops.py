@@ -217,6 +217,43 @@ def test_kernel_workspace_gives_the_same_outputs_and_gradients():
     assert set_attention_module._WORKSPACE.buf is None  # freed on exit
 
 
+def test_kernel_workspace_shares_position_features_safely(monkeypatch):
+    """Inside one kernel_workspace the calls on the same positions share
+    their LPE features (built once); positions of other content, or
+    changed in place, get their own; positions that take gradients are
+    not shared. Outputs and gradients equal those outside."""
+    m = set_attention_module
+    built = []
+    real = m._position_features
+    monkeypatch.setattr(m, '_position_features',
+                        lambda *a: built.append(1) or real(*a))
+    q, v, r = _inputs(1, 2, 12, 6, 8, dtype=torch.float32, grad=True)
+    tok, ref = _pos2d((3, 4), (2, 3), torch.float32)
+    other = (tok.flip(0), ref)
+    kw = dict(eps=0.3, num_iters=2, sigma=0.6)
+
+    def run(pos):
+        y = set_attention(q, v, r, pos=pos, **kw)
+        return (y, *torch.autograd.grad(y.square().sum(), (q, v, r)))
+    outside = [run((tok, ref)), run(other)]
+    built.clear()
+    with kernel_workspace():
+        shared = [run((tok, ref)), run((tok, ref)), run(other)]
+        assert len(built) == 2  # (tok, ref) once, then the other positions
+        tok.mul_(0.5)  # in place: a new version
+        changed = run((tok, ref))
+        assert len(built) == 3
+        learned = ref.clone().requires_grad_()
+        run((tok, learned)), run((tok, learned))
+        assert len(built) == 5
+    tok.mul_(2)
+    for got, want in zip(shared, [outside[0], outside[0], outside[1]]):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert not torch.equal(changed[0], outside[0][0])
+    assert set_attention_module._WORKSPACE.memo is None  # freed on exit
+
+
 class _OpRecorder(TorchDispatchMode):
     """Records every aten op and the shapes of the tensors it returns."""
 

@@ -9,7 +9,7 @@ from mmengine.model import BaseModule
 from torch import nn
 
 from ..ops import (grid_positions, kernel_workspace, reference_grid,
-                   set_attention, transport_plan)
+                   set_attention, shared_grid_positions, transport_plan)
 
 # Most elongated reference grid accepted for a 2-D map (g_w / g_h).
 MAX_GRID_ASPECT = 4
@@ -22,10 +22,12 @@ NOT_SCRIPTABLE = (
 
 
 def set_op(q: torch.Tensor, v: torch.Tensor, refs: torch.Tensor,
-           ref_pos: Optional[torch.Tensor], hw_shape, eps: float,
+           ref_grid: Optional[Tuple[int, int]], hw_shape, eps: float,
            num_iters: int, sigma: float) -> torch.Tensor:
-    """The SeT operator of one layer on an ``H x W`` token map (the token
-    positions for the LPE are built here; ``ref_pos=None``: no LPE).
+    """The SeT operator of one layer on an ``H x W`` token map, its
+    references on a ``ref_grid`` grid (the positions for the LPE are built
+    here, once per forward pass for all layers: ``shared_grid_positions``;
+    ``ref_grid=None``: no LPE).
 
     A leaf of ``torch.fx`` tracing (``torch.fx.wrap``): symbolic tracing,
     torchvision's and timm's fx feature extraction record one call of it per
@@ -33,9 +35,9 @@ def set_op(q: torch.Tensor, v: torch.Tensor, refs: torch.Tensor,
     function, and the traced graph runs it unchanged.
     """
     pos = None
-    if ref_pos is not None:
-        pos = (grid_positions(hw_shape[0], hw_shape[1],
-                              device=ref_pos.device), ref_pos)
+    if ref_grid is not None:
+        pos = (shared_grid_positions(*hw_shape, device=refs.device),
+               shared_grid_positions(*ref_grid, device=refs.device))
     return set_attention(q, v, refs, eps=eps, num_iters=num_iters, pos=pos,
                          sigma=sigma)
 
@@ -141,8 +143,6 @@ class SeTAttention(BaseModule):
         # scale keeps their optimiser steps comparable to data centroids.
         self.refs = nn.Parameter(F.normalize(
             torch.randn(num_heads, num_refs, self.head_dims), dim=-1))
-        self.register_buffer(
-            'ref_pos', grid_positions(*self.ref_grid), persistent=False)
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -172,8 +172,8 @@ class SeTAttention(BaseModule):
     def _pos(self, hw_shape):
         if not self.use_lpe:
             return None
-        tok = grid_positions(*hw_shape, device=self.ref_pos.device)
-        return tok, self.ref_pos
+        return (grid_positions(*hw_shape, device=self.refs.device),
+                grid_positions(*self.ref_grid, device=self.refs.device))
 
     def plan(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
         """Transport plan of this layer for ``x`` (B, n, C): (B, h, n, m)."""
@@ -185,7 +185,7 @@ class SeTAttention(BaseModule):
     def forward(self, x: torch.Tensor, hw_shape) -> torch.Tensor:
         """x: (B, n, C) tokens of an H x W map (``hw_shape``) -> (B, n, C)."""
         q, v = self._split(x, hw_shape)
-        y = set_op(q, v, self.refs, self.ref_pos if self.use_lpe else None,
+        y = set_op(q, v, self.refs, self.ref_grid if self.use_lpe else None,
                    hw_shape, self.eps, self.num_iters, self.sigma)
         y = y.transpose(1, 2).reshape(x.shape)
         return self.proj_drop(self.proj(y))

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 __all__ = [
     'set_attention', 'transport_plan', 'grid_positions', 'reference_grid',
     'sinkhorn_scalings', 'gibbs_kernel', 'kernel_workspace', 'set_backend',
-    'get_backend', 'measured_choices', 'BACKENDS'
+    'get_backend', 'measured_choices', 'BACKENDS', 'shared_grid_positions'
 ]
 
 # Guards the norms of the cosine (so zero vectors are safe).
@@ -148,18 +148,29 @@ def _ref_features(refs: Tensor, pos: Optional[Pos], sigma: Optional[float],
     rf = _unit(refs.to(dtype)).unsqueeze(0)
     if pos is None:
         return None, rf
+    tok_f, ref_f = _memo(('lpe', float(sigma), dtype, str(device)),
+                         lambda: _position_features(pos, sigma, dtype,
+                                                    device), *pos)
+    return tok_f, torch.cat([rf, ref_f.expand(1, rf.shape[1], -1, -1)], -1)
+
+
+def _position_features(pos: Pos, sigma: float, dtype: torch.dtype,
+                       device) -> Tuple[Tensor, Tensor]:
+    """The LPE's factors of :func:`_features`: token (n, k + 2) and
+    reference (m, k + 2) position features."""
     tok, ref = (p.to(device=device, dtype=dtype) for p in pos)
     s2 = float(sigma)**2
     tok_f = torch.cat([-(tok * tok).sum(-1, keepdim=True), 2 * tok,
                        tok.new_ones(tok.shape[0], 1)], -1) / s2
     ref_f = torch.cat([ref.new_ones(ref.shape[0], 1), ref,
                        -(ref * ref).sum(-1, keepdim=True)], -1)
-    return tok_f, torch.cat([rf, ref_f.expand(1, rf.shape[1], -1, -1)], -1)
+    return tok_f, ref_f
 
 
 class _Workspace(threading.local):
     depth = 0
     buf: Optional[Tensor] = None
+    memo: Optional[dict] = None  # see _memo
 
 
 _WORKSPACE = _Workspace()
@@ -167,7 +178,8 @@ _WORKSPACE = _Workspace()
 
 @contextlib.contextmanager
 def kernel_workspace():
-    """Let the SeT calls inside share one kernel buffer, freed on exit.
+    """Let the SeT calls inside share one kernel buffer and the position
+    features they have in common, freed on exit.
 
     On the CPU a fresh n x m kernel costs more than the matrix product that
     fills it: its pages are faulted in on first touch (~3x the product's
@@ -176,14 +188,49 @@ def kernel_workspace():
     one buffer sized for the largest. ``SeTformer.forward`` runs in one.
     (This is the reference's; the compiled CPU kernel keeps its scratch
     buffer between calls itself, see ``fused_cpu.CACHE_BYTES``.)
+    The layers of a stage also share their token and reference positions
+    and the LPE features built from them (:func:`shared_grid_positions`,
+    :func:`_memo`): built once per shape, not once per layer.
     """
     _WORKSPACE.depth += 1
+    if _WORKSPACE.depth == 1:
+        _WORKSPACE.memo = {}
     try:
         yield
     finally:
         _WORKSPACE.depth -= 1
         if not _WORKSPACE.depth:
-            _WORKSPACE.buf = None
+            _WORKSPACE.buf = _WORKSPACE.memo = None
+
+
+def _memo(key: tuple, make: Callable, *tensors: Tensor):
+    """``make()``, once per ``key`` and ``tensors`` (its tensor inputs, by
+    identity and version) inside :func:`kernel_workspace`, else on every
+    call. Each of these small results costs a dozen kernel launches, which
+    a forward pass of SeTformer-T would repeat in all of its 30 layers.
+    Not while tracing or under a dispatch mode (they record the ops), nor
+    for inputs that take gradients."""
+    memo = _WORKSPACE.memo
+    if memo is None or torch.jit.is_tracing() \
+            or torch.compiler.is_compiling() \
+            or _get_current_dispatch_mode() is not None or (
+                torch.is_grad_enabled() and
+                any(t.requires_grad for t in tensors)):
+        return make()
+    key = (key, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+           *((id(t), -1 if t.is_inference() else t._version)
+             for t in tensors))
+    if key not in memo:  # (it holds the tensors: their ids stay theirs)
+        memo[key] = (tensors, make())
+    return memo[key][1]
+
+
+def shared_grid_positions(h: int, w: int, device=None) -> Tensor:
+    """:func:`grid_positions` (fp32), shared by the calls inside one
+    :func:`kernel_workspace` (the same tensor for the same grid: do not
+    modify it)."""
+    return _memo(('grid', h, w, str(device)),
+                 lambda: grid_positions(h, w, device=device))
 
 
 def _workspace(shape, dtype: torch.dtype, device) -> Optional[Tensor]:
