@@ -600,6 +600,33 @@ def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
     assert saved and max(map(math.prod, saved)) < 2 * n * m, saved
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'triton'])
+def test_backward_fills_no_zero_gradients(backend, small_tiles):
+    """The operators' saved outputs never leave them, so their backward
+    gets no gradients for those (no zero tensor filled per output, per
+    layer). (An undefined gradient of y: test_ops' gradcheck.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    q, v, r = _inputs(1, 2, 20, 6, 4, torch.float32, seed=9)
+    reason = _available(backend, q)
+    if reason:
+        pytest.skip(reason)
+    impl = (fused_cpu if backend.startswith('cpu') else
+            fused_triton).IMPLEMENTATION
+    tok, rf = set_attention_module._ref_features(
+        r, _pos((4, 5), (2, 3), torch.float32), 0.5, q.dtype, q.device)
+    ops = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+    y = impl.apply(q, tok, rf, v, 0.3, 3)
+    with Ops():
+        y.sum().backward()
+    assert 'aten.zeros' not in ops and 'aten.zero_' not in ops, ops
+    assert all(t.grad is not None for t in (q, v, r))
+
+
 CPU_MODES = ['cpu', 'cpu-streamed', 'cpu-shared']
 
 
