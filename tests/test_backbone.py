@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from mmengine.config import ConfigDict
+from test_fused import _record
 
 import mmsetformer  # noqa: F401  (registers)
 from mmsetformer.models import SeTformer
@@ -125,9 +126,7 @@ def test_layers_share_positions_within_a_forward(monkeypatch):
     in every layer."""
     sa = importlib.import_module('mmsetformer.ops.set_attention')
     built = []
-    real = sa._position_features
-    monkeypatch.setattr(sa, '_position_features',
-                        lambda *a: built.append(1) or real(*a))
+    _record(monkeypatch, sa, '_position_features', built)
     torch.manual_seed(0)
     model = SeTformer(dict(embed_dims=16, depths=[2, 3, 2, 2],
                            num_heads=[1, 2, 2, 4]), num_refs=12,

@@ -4,6 +4,7 @@ import importlib
 import pytest
 import torch
 from dense_reference import dense_set
+from test_fused import _record
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -224,9 +225,7 @@ def test_kernel_workspace_shares_position_features_safely(monkeypatch):
     not shared. Outputs and gradients equal those outside."""
     m = set_attention_module
     built = []
-    real = m._position_features
-    monkeypatch.setattr(m, '_position_features',
-                        lambda *a: built.append(1) or real(*a))
+    _record(monkeypatch, m, '_position_features', built)
     q, v, r = _inputs(1, 2, 12, 6, 8, dtype=torch.float32, grad=True)
     tok, ref = _pos2d((3, 4), (2, 3), torch.float32)
     other = (tok.flip(0), ref)
