@@ -21,11 +21,12 @@ from mmsetformer.ops import (fused_cpu, fused_triton, get_backend,
 
 set_attention_module = importlib.import_module(
     'mmsetformer.ops.set_attention')
-# 'cpu-streamed': the CPU kernel rebuilding every pass's blocks of the
-# kernel instead of keeping it (by default only for huge kernels);
-# 'cpu-shared': running its slices one after the other over all threads
-# (by default only where few, or where their kernels outgrow the caches)
-FUSED = ['cpu', 'cpu-streamed', 'cpu-shared', 'triton']
+# 'cpu-streamed' / 'triton-streamed': the kernels rebuilding every pass's
+# blocks of the kernel instead of keeping it (by default only for huge
+# kernels); 'cpu-shared': the CPU kernel running its slices one after the
+# other over all threads (by default only where few, or where their
+# kernels outgrow the caches)
+FUSED = ['cpu', 'cpu-streamed', 'cpu-shared', 'triton', 'triton-streamed']
 
 
 def _inputs(B, h, n, m, d, dtype, seed=0, scale=1.0):
@@ -53,13 +54,14 @@ def _grads(y, inputs):
 
 @contextlib.contextmanager
 def _backend(name):
-    """set_backend, with 'cpu-streamed' and 'cpu-shared' for the CPU
-    kernel's modes."""
-    cpu = name.startswith('cpu')
-    with set_backend('cpu' if cpu else name), fused_cpu.stream_above(
+    """set_backend, with the fused kernels' modes: 'cpu-streamed',
+    'cpu-shared' and 'triton-streamed'."""
+    with set_backend(name.split('-')[0]), fused_cpu.stream_above(
             0 if name == 'cpu-streamed' else fused_cpu.STREAM_BYTES), \
             fused_cpu.share_above(
-                0 if name == 'cpu-shared' else fused_cpu.SHARE_BYTES):
+                0 if name == 'cpu-shared' else fused_cpu.SHARE_BYTES), \
+            fused_triton.stream_above(
+                0 if name == 'triton-streamed' else fused_triton.STREAM_BYTES):
         yield
 
 
@@ -113,7 +115,9 @@ def test_matches_dense_float64(backend, B, h, hw, grid, d, T, eps, sigma, lpe,
             (name, (a - b).abs().max().item())
 
 
-@pytest.mark.parametrize('backend', FUSED)
+# (the streamed Triton kernels' fp32 arithmetic: the extremes below)
+@pytest.mark.parametrize('backend',
+                         [b for b in FUSED if b != 'triton-streamed'])
 @pytest.mark.parametrize('B,h,hw,grid,d,T,eps,sigma,lpe', CASES[:4])
 def test_matches_reference_float32(backend, B, h, hw, grid, d, T, eps, sigma,
                                    lpe, small_tiles):
@@ -179,6 +183,33 @@ def test_rows_whose_logits_all_lie_far_below_zero(backend, small_tiles):
         tol = 1e-3 * b.abs().max().item()  # fp32 at eps = 0.01
         assert (a - b).abs().max().item() <= tol, \
             (name, (a - b).abs().max().item(), tol)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('backend', FUSED)
+def test_a_reference_clamped_in_every_row(backend, dtype, small_tiles):
+    """One reference opposite to every query at eps = 0.02: its column of
+    K lies at the floor in every row, so Sinkhorn scales it up by ~e^30 to
+    give it its 1/m of the mass, and dL/dK is ~e^30 there: only the
+    floor's mask (no gradient through a clamped entry) keeps its product
+    with K from moving dL/dq and dL/drefs at the scale of the gradients."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 24, 6, generator=g, dtype=torch.float64)
+    q[..., 0] = 4
+    r = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    r[:, 0] = 0
+    r[:, 0, 0] = -1
+    v = torch.randn(1, 2, 24, 6, generator=g, dtype=torch.float64)
+    q, v, r = (t.to(dtype).requires_grad_() for t in (q, v, r))
+    reason = _available(backend, q)
+    if reason:
+        pytest.skip(reason)
+    kw = dict(eps=0.02, num_iters=2)
+    ours, ref = _run(backend, q, v, r, **kw), _run('reference', q, v, r, **kw)
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
+        err = (a - b).abs().max().item()
+        assert err <= tol * b.abs().max().item(), (name, err)
 
 
 @pytest.mark.parametrize('backend', FUSED)
@@ -310,7 +341,8 @@ def test_torch_compile_keeps_the_fused_kernels(backend, monkeypatch):
         _record(monkeypatch, fused_cpu._ext, 'forward', calls)
         _record(monkeypatch, fused_cpu._ext, 'backward', calls)
     else:
-        _opcheck(fused_triton, q, v, r, pos)
+        for stream_bytes in (fused_triton.STREAM_BYTES, 0):
+            _opcheck(fused_triton, q, v, r, pos, stream_bytes)
         _record(monkeypatch, fused_triton, '_launch', calls)
         # `auto` as on CUDA (the CPU in the Triton kernels' devices, the CPU
         # kernel aside), first above the size where it takes them without
@@ -860,6 +892,43 @@ def test_triton_launch_falls_back_to_shallower_pipelines(monkeypatch):
         fused_triton._launch(Kernel(fits=0), (1, ), x, BN=64)
 
 
+def test_triton_keeps_the_kernel_up_to_its_stream_size(monkeypatch):
+    """A call whose B*h*n*m kernel fits STREAM_BYTES builds it once per
+    forward and once per backward, and every other pass reads it (the
+    backward's last turns it into dL/dlogK); one byte less and no pass
+    reads a kept kernel (the tiles are rebuilt). Both give the same
+    outputs and gradients."""
+    B, h, n, m = 2, 2, 30, 10
+    q, v, r = _inputs(B, h, n, m, 8, torch.float32, seed=3)
+    if _available('triton', q):
+        pytest.skip(_available('triton', q))
+    launches, launch = [], fused_triton._launch
+
+    def record(kernel, grid, *args, **meta):
+        launches.append((kernel.fn.__name__, meta.get('STORE'),
+                         meta.get('KEPT', False)))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(fused_triton, '_launch', record)
+    kw = dict(eps=0.3, num_iters=2, pos=_pos((5, 6), (2, 5), torch.float32),
+              sigma=0.5)
+    size = B * h * n * m * 4
+    runs = {}
+    for limit in (size, size - 1):
+        launches.clear()
+        with set_backend('triton'), fused_triton.stream_above(limit):
+            runs[limit] = _grads(set_attention(q, v, r, **kw), (q, v, r))
+        builds = [store for name, store, _ in launches if name == '_build']
+        passes = {kept for name, _, kept in launches if name != '_build'}
+        if limit == size:
+            # forward: maxima and kernel; backward: the kernel again
+            assert builds == [True, True] and passes == {True}, launches
+        else:
+            assert builds == [False] and passes == {False}, launches
+    for a, b in zip(*runs.values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_triton_pre_hopper_tf32_tiles_match_reference(monkeypatch):
     """Under TF32 before Hopper the column-side matrix and gradient kernels
     own 32 references instead of 64 (their own grid and row chunks): the
@@ -884,7 +953,7 @@ def test_triton_pre_hopper_tf32_tiles_match_reference(monkeypatch):
     ours, ref = _run('triton', q, v, r, **kw), _run('reference', q, v, r, **kw)
     assert {bm for name, mat, bm in launched
             if name in ('_col_pass', '_grad_cols') and mat} == {32}
-    assert {bm for name, mat, bm in launched if name == '_row_max'} == {64}
+    assert {bm for name, mat, bm in launched if name == '_build'} == {64}
     for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
         tol = 1e-5 * b.abs().max().item() + 1e-7
         assert (a - b).abs().max().item() <= tol, \
@@ -931,7 +1000,7 @@ def test_triton_kernels_fit_gpus(d):
         for prec in ('ieee', 'tf32x3'):
             assert {r['kernel'] for r in rows if r['cc'] == cc and
                     r['meta']['PREC'] == prec} == {
-                '_row_max', '_row_pass', '_col_pass', '_grad_rows',
+                '_build', '_row_pass', '_col_pass', '_grad_rows',
                 '_grad_cols'}, (cc, prec)
     for r in rows:
         assert r['meta']['KP'] == (4 if d == 32 else 0), r
@@ -949,9 +1018,11 @@ def test_triton_float64_kernels_compile_for_gpus():
     report = _triton_report()
     rows = report.compile_forward_backward(28, (80, 90), ('fp64', ))
     assert {r['kernel'] for r in rows} == {
-        '_row_max', '_row_pass', '_col_pass', '_grad_rows', '_grad_cols'}
+        '_build', '_row_pass', '_col_pass', '_grad_rows', '_grad_cols'}
     for r in rows:
-        assert r['ptr'] == 'fp64' and r['mma'] > 0, r
+        # (a kept kernel's passes with a vector alone have no dot)
+        dot = r['meta'].get('HAS_MAT', True) or not r['meta'].get('KEPT')
+        assert r['ptr'] == 'fp64' and (r['mma'] > 0) == dot, r
         assert r['shared'] <= report.SHARED_LIMIT[r['cc']], r
 
 

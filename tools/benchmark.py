@@ -22,7 +22,8 @@ CUDA the faster of the reference and the Triton kernels, measured on each
 size class's first call, listed at the end); ``SeT (reference)`` and
 ``SeTformer-T (reference SeT)`` run the reference in the same run, for the
 speed-up, and on CUDA ``SeT (triton...)`` and ``SeTformer-T (Triton
-SeT...)`` the fused kernels, at each ``tl.dot`` input precision.  Peak
+SeT...)`` the fused kernels, at each ``tl.dot`` input precision, and
+``SeT (triton, streamed)`` rebuilding K's tiles in every pass.  Peak
 memory on the CPU is read from the allocator's events through torch's
 profiler (kept out of the timed runs); on CUDA it is the allocator peak.
 """
@@ -48,9 +49,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import mmsetformer  # noqa: E402,F401
-from mmsetformer.ops import (fused_cpu, grid_positions,  # noqa: E402
-                             measured_choices, reference_grid, set_attention,
-                             set_backend, transport_plan)
+from mmsetformer.ops import (fused_cpu, fused_triton,  # noqa: E402
+                             grid_positions, measured_choices, reference_grid,
+                             set_attention, set_backend, transport_plan)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -219,6 +220,13 @@ def bench_operator(args, device, report):
             for prec in ('ieee', 'tf32x3', 'tf32')[:2 if n > 50176 else 3]:
                 fns['SeT (triton)' if prec == 'ieee' else
                     f'SeT (triton, {prec})'] = _forced(set_op, 'triton', prec)
+            if n <= 50176:
+                def triton_streamed():
+                    # rebuilding K's tiles in every pass (O(n + m) memory),
+                    # as they do by default only above STREAM_BYTES
+                    with fused_triton.stream_above(0):
+                        return _forced(set_op, 'triton', 'ieee')()
+                fns['SeT (triton, streamed)'] = triton_streamed
             # flash attention takes half inputs: bf16 copies as own leaves
             qb, kb, vb = (t.bfloat16() for t in (q, k, v))
             leaves += (qb, kb, vb)

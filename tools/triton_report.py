@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,13 +34,17 @@ MIX = dict(fma=('FFMA', 'DFMA'), mma=('HMMA', 'HGMMA', 'DMMA'),
 INTS = ('n', 'm', 'd', 'c', 'heads', 'chunk', 'r')  # the kernels' int args
 
 
+MODES = ('kept', 'streamed')  # the kernel kept, or rebuilt in every pass
+
+
 def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
                     lpe: bool = True, precisions=('ieee', ),
-                    cc: int = 90) -> list:
+                    cc: int = 90, modes=MODES) -> list:
     """[(kernel name, warps, constexprs, pointer type)] of one SeT forward
     + backward at head dim ``d`` in each of ``precisions`` (fp32 inputs at
-    a ``tl.dot`` precision, or ``fp64``: float64 inputs) with the tiles
-    chosen for compute capability ``cc`` (tiles may depend on both), run
+    a ``tl.dot`` precision, or ``fp64``: float64 inputs) and ``modes``
+    (see ``fused_triton.STREAM_BYTES``) with the tiles chosen for compute
+    capability ``cc`` (tiles may depend on both), run
     under Triton's interpreter (which must be on before triton is imported:
     ``TRITON_INTERPRET=1``); the defaults give full 64-wide tiles and
     partial ones."""
@@ -67,12 +72,14 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
             unittest.mock.patch.object(fused_triton, 'INTERPRETED_CC',
                                        divmod(cc, 10)), \
             set_backend('triton'):
-        for prec in precisions:
+        for prec, mode in ((p, md) for p in precisions for md in modes):
             dtype = torch.float64 if prec == 'fp64' else torch.float32
             leaves = [t.to(dtype).requires_grad_() for t in (q, v, r)]
             with unittest.mock.patch.dict(
                     os.environ, MMSETFORMER_SET_PRECISION=prec
-                    if prec != 'fp64' else 'ieee'):
+                    if prec != 'fp64' else 'ieee'), \
+                    fused_triton.stream_above(2**62 if mode == 'kept'
+                                              else 0):
                 y = set_attention(*leaves, eps=0.3, num_iters=num_iters,
                                   pos=pos and tuple(p.to(dtype) for p in pos),
                                   sigma=0.5 if lpe else None)
@@ -192,26 +199,39 @@ def _res_usage(cubin: bytes, bindir: str) -> dict:
 
 
 def compile_forward_backward(d: int, ccs=(86, 90), precisions=('ieee', ),
-                             lpe: bool = True) -> list:
+                             lpe: bool = True, modes=MODES) -> list:
     """``compile_launches`` of each GPU's ``record_launches``."""
     return [row for cc in ccs for row in compile_launches(
-        record_launches(d, lpe=lpe, precisions=precisions, cc=cc), [cc])]
+        record_launches(d, lpe=lpe, precisions=precisions, cc=cc,
+                        modes=modes), [cc])]
 
 
-def compile_launches(launches: list, ccs=(86, 90), stages=None) -> list:
+def compile_launches(launches: list, ccs=(86, 90), stages=None,
+                     jobs: int = 0) -> list:
     """Compile each launch for each compute capability in ``ccs`` at the
     deepest software pipeline that fits its shared memory (as
-    ``fused_triton._launch`` tries them); one dict per (launch, cc).  Runs
-    in a fresh process, since Triton's interpreter setting is read once."""
+    ``fused_triton._launch`` tries them); one dict per (launch, cc), in
+    order.  Runs in ``jobs`` fresh processes (0: one per CPU), since
+    Triton's interpreter setting is read once."""
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), '--compile'],
-        input=json.dumps(dict(launches=launches, ccs=list(ccs),
-                              stages=stages)),
-        capture_output=True, text=True, env=env, timeout=1200)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout)
+    jobs = max(1, min(len(launches), jobs or os.cpu_count() or 1))
+
+    def run(part: list) -> list:
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), '--compile'],
+            input=json.dumps(dict(launches=part, ccs=list(ccs),
+                                  stages=stages)),
+            capture_output=True, text=True, env=env, timeout=1200)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        return json.loads(proc.stdout)
+
+    # launch k goes to process k % jobs
+    with ThreadPoolExecutor(jobs) as pool:
+        outs = list(pool.map(run, [launches[i::jobs] for i in range(jobs)]))
+    per = len(ccs)  # rows per launch
+    return [row for k in range(len(launches))
+            for row in outs[k % jobs][(k // jobs) * per:(k // jobs + 1) * per]]
 
 
 def _compile_worker() -> None:
@@ -242,7 +262,8 @@ def _compile_worker() -> None:
 
 
 def table(rows: list) -> str:
-    keys = ('BN', 'BM', 'BD', 'BC', 'BR', 'HAS_MAT', 'PREC')
+    keys = ('BN', 'BM', 'BD', 'BC', 'BR', 'HAS_MAT', 'KEPT', 'FIND_MAX',
+            'STORE', 'PREC')
     lines = ['| kernel | sm | tiles / constants | warps | stages | shared KiB '
              '| registers | stack bytes | FMA | MMA | exp | local ld/st '
              '| of them in loops | instructions | in loops |',
@@ -270,6 +291,9 @@ def main():
                    choices=('ieee', 'tf32x3', 'tf32', 'fp64'),
                    help="tl.dot's input precision of fp32 inputs, or fp64 "
                    'inputs')
+    p.add_argument('--modes', nargs='+', default=list(MODES),
+                   choices=MODES, help='the kernel kept (read by the '
+                   'passes) or streamed (rebuilt in each): both')
     p.add_argument('--no-lpe', action='store_true')
     p.add_argument('--json', help='also write the rows here')
     p.add_argument('--tf32-error', action='store_true',
@@ -290,7 +314,7 @@ def main():
                   + ' |')
         return
     rows = compile_forward_backward(args.d, args.cc, args.precision,
-                                    not args.no_lpe)
+                                    not args.no_lpe, args.modes)
     print(f'SeT Triton kernels, head dim {args.d}, '
           f'LPE {"off" if args.no_lpe else "on"}: static counts per '
           'kernel (a loop body counts once)\n')

@@ -5,10 +5,18 @@ Each program owns a block of rows (tokens) or columns (references) and
 sweeps the other side, as flash attention does: its own block's features,
 row maxima and gradient factors are loaded once, before the sweep.
 
+Where the caller keeps the kernel (``KEPT``: it fits its memory budget),
+``_build`` writes ``K`` once, (S, n, m), and every later pass loads its
+tiles instead of rebuilding them: a load of 4 bytes per entry against a
+dot over d and an exp.  ``_grad_rows`` then turns it into dL/dlogK in
+place, whose products with the features are two batched GEMMs.
+
 A tile's logits are ``x_i . y_j`` (one ``tl.dot`` over the head dim d) plus
 ``KP`` rank-1 terms ``tp_il rp_jl`` of the positional encoding, added
 element-wise: folded into the dot they would pad d + KP (32 + 4 for
 SeTformer) to the next power of two, doubling the dot and its registers."""
+import math
+
 import triton
 import triton.language as tl
 
@@ -17,6 +25,11 @@ from .set_attention import LOG_KERNEL_FLOOR
 FLOOR: tl.constexpr = tl.constexpr(float(LOG_KERNEL_FLOOR))
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 FLOOR2: tl.constexpr = tl.constexpr(FLOOR.value * LOG2E.value)  # base 2
+# A kept kernel's clamped entries hold exp(-FLOOR) (up to exp's rounding);
+# above this they are live (pass gradient), as ``K > floor`` in the
+# reference's backward
+LIVE_ABOVE: tl.constexpr = tl.constexpr(
+    math.exp(-LOG_KERNEL_FLOOR) * (1 + 2**-16))
 
 
 @triton.jit
@@ -27,6 +40,20 @@ def _load(P, s, idx, size, width, BW: tl.constexpr):
     return tl.load(P + (s * size + idx[:, None]) * width + ww[None, :],
                    mask=(idx[:, None] < size) & (ww[None, :] < width),
                    other=0.)
+
+
+@triton.jit
+def _tile(P, s, rows, cols, n, m):
+    """Tile (rows, cols) of the (S, n, m) array P at slice s, zero outside
+    the n x m entries."""
+    return tl.load(P + (s * n + rows[:, None]) * m + cols[None, :],
+                   mask=(rows[:, None] < n) & (cols[None, :] < m), other=0.)
+
+
+@triton.jit
+def _store_tile(P, s, rows, cols, n, m, tile):
+    tl.store(P + (s * n + rows[:, None]) * m + cols[None, :], tile,
+             mask=(rows[:, None] < n) & (cols[None, :] < m))
 
 
 @triton.jit
@@ -63,44 +90,66 @@ def _kernel(logits, mx):
 
 
 @triton.jit
-def _row_max(X, Y, TP, RP, Mx, n, m, d, heads, KP: tl.constexpr,
-             BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-             PREC: tl.constexpr):
+def _build(X, Y, TP, RP, Mx, Kp, n, m, d, heads, KP: tl.constexpr,
+           BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+           PREC: tl.constexpr, FIND_MAX: tl.constexpr, STORE: tl.constexpr):
+    """The row maxima of the logits into Mx (FIND_MAX; else Mx holds them)
+    and, with STORE, K (S, n, m) into Kp.  (The floor needs the final max,
+    so the max is not an online one: K is built in a second sweep.)"""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     x = _load(X, s, rows, n, d, BD)
-    best = tl.full([BN], float('-inf'), Mx.dtype.element_ty)
-    for j0 in range(0, m, BM):
-        cols = j0 + tl.arange(0, BM)
-        logits = _logits(x, _load(Y, s % heads, cols, m, d, BD), TP, RP,
-                         s % heads, rows, cols, n, m, KP, PREC)
-        logits = tl.where(cols[None, :] < m, logits, float('-inf'))
-        best = tl.maximum(best, tl.max(logits, axis=1))
-    tl.store(Mx + s * n + rows, best, mask=rows < n)
+    if FIND_MAX:
+        mx = tl.full([BN], float('-inf'), Mx.dtype.element_ty)
+        for j0 in range(0, m, BM):
+            cols = j0 + tl.arange(0, BM)
+            logits = _logits(x, _load(Y, s % heads, cols, m, d, BD), TP, RP,
+                             s % heads, rows, cols, n, m, KP, PREC)
+            logits = tl.where(cols[None, :] < m, logits, float('-inf'))
+            mx = tl.maximum(mx, tl.max(logits, axis=1))
+        tl.store(Mx + s * n + rows, mx, mask=rows < n)
+    else:
+        mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
+    if STORE:
+        for j0 in range(0, m, BM):
+            cols = j0 + tl.arange(0, BM)
+            K, _ = _kernel(_logits(x, _load(Y, s % heads, cols, m, d, BD),
+                                   TP, RP, s % heads, rows, cols, n, m, KP,
+                                   PREC), mx)
+            _store_tile(Kp, s, rows, cols, n, m, K)
 
 
 @triton.jit
-def _row_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
-              KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+def _row_pass(X, Y, TP, RP, Mx, Kp, Vec, Mat, OutVec, OutMat, n, m, d, c,
+              heads, KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
               BD: tl.constexpr, BC: tl.constexpr, HAS_MAT: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, KEPT: tl.constexpr):
     """OutVec = K Vec, OutMat = K Mat (Vec: (S, m), Mat: (S, m, c))."""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    x = _load(X, s, rows, n, d, BD)
-    mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
+    if not KEPT:
+        x = _load(X, s, rows, n, d, BD)
+        mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
     acc_v = tl.zeros([BN], OutVec.dtype.element_ty)
     acc_m = tl.zeros([BN, BC], OutVec.dtype.element_ty)
     for j0 in range(0, m, BM):
         cols = j0 + tl.arange(0, BM)
-        K, _ = _kernel(_logits(x, _load(Y, s % heads, cols, m, d, BD), TP,
-                               RP, s % heads, rows, cols, n, m, KP, PREC),
-                       mx)
+        if KEPT:
+            K = _tile(Kp, s, rows, cols, n, m)
+        else:
+            K, _ = _kernel(_logits(x, _load(Y, s % heads, cols, m, d, BD),
+                                   TP, RP, s % heads, rows, cols, n, m, KP,
+                                   PREC), mx)
         vec = tl.load(Vec + s * m + cols, mask=cols < m, other=0.)
-        acc_v += tl.sum(K * vec[None, :], axis=1)
         if HAS_MAT:
             acc_m += tl.dot(K, _load(Mat, s, cols, m, c, BC),
                             input_precision=PREC)
+            if KEPT:
+                # again, from the cache: one loaded tile feeding both the
+                # dot and the element-wise product takes a layout that
+                # fills the registers (255 and spills on sm_90, 76 so)
+                K = _tile(Kp, s, rows, cols, n, m)
+        acc_v += tl.sum(K * vec[None, :], axis=1)
     tl.store(OutVec + s * n + rows, acc_v, mask=rows < n)
     if HAS_MAT:
         cc = tl.arange(0, BC)
@@ -109,10 +158,10 @@ def _row_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
 
 
 @triton.jit
-def _col_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
-              chunk, KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-              BD: tl.constexpr, BC: tl.constexpr, HAS_MAT: tl.constexpr,
-              PREC: tl.constexpr):
+def _col_pass(X, Y, TP, RP, Mx, Kp, Vec, Mat, OutVec, OutMat, n, m, d, c,
+              heads, chunk, KP: tl.constexpr, BN: tl.constexpr,
+              BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+              HAS_MAT: tl.constexpr, PREC: tl.constexpr, KEPT: tl.constexpr):
     """Partial OutVec = K^T Vec, OutMat = K^T Mat (Vec: (S, n), Mat: (S, n,
     c)) over row chunk z (program axis 2) into OutVec (Z, S, m), OutMat (Z,
     S, m, c): the caller sums over Z, so a few column blocks still fill the
@@ -121,17 +170,21 @@ def _col_pass(X, Y, TP, RP, Mx, Vec, Mat, OutVec, OutMat, n, m, d, c, heads,
     z = tl.program_id(2).to(tl.int64)
     out = z * tl.num_programs(1) + s  # (z, s) row of the partial outputs
     cols = tl.program_id(0) * BM + tl.arange(0, BM)
-    y = _load(Y, s % heads, cols, m, d, BD)
+    if not KEPT:
+        y = _load(Y, s % heads, cols, m, d, BD)
     # the tiles' products, summed over their rows once after the loop: a
     # sum over rows per tile crosses warps (shuffles and barriers per tile)
     acc_v = tl.zeros([BN, BM], OutVec.dtype.element_ty)
     acc_m = tl.zeros([BM, BC], OutVec.dtype.element_ty)
     for i0 in range(z * chunk, tl.minimum(z * chunk + chunk, n), BN):
         rows = i0 + tl.arange(0, BN)
-        mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
-        K, _ = _kernel(_logits(_load(X, s, rows, n, d, BD), y, TP, RP,
-                               s % heads, rows, cols, n, m, KP, PREC),
-                       mx)
+        if KEPT:
+            K = _tile(Kp, s, rows, cols, n, m)
+        else:
+            mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
+            K, _ = _kernel(_logits(_load(X, s, rows, n, d, BD), y, TP, RP,
+                                   s % heads, rows, cols, n, m, KP, PREC),
+                           mx)
         vec = tl.load(Vec + s * n + rows, mask=rows < n, other=0.)
         acc_v += K * vec[:, None]
         if HAS_MAT:
@@ -163,25 +216,36 @@ def _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR: tl.constexpr,
 
 
 @triton.jit
-def _grad_rows(X, Y, TP, RP, Mx, U, V, GX, n, m, d, r, heads,
+def _grad_rows(X, Y, TP, RP, Mx, Kp, U, V, GX, n, m, d, r, heads,
                KP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
-               BD: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):
-    """GX_i = sum_j G_ij Y_j (dL/dx; the token positions are constants)."""
+               BD: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr,
+               KEPT: tl.constexpr):
+    """GX_i = sum_j G_ij Y_j (dL/dx; the token positions are constants);
+    KEPT: G = dL/dlogK instead, in place of the kept kernel (the caller
+    multiplies it out)."""
     s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    x = _load(X, s, rows, n, d, BD)
-    mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
-    acc = tl.zeros([BN, BD], GX.dtype.element_ty)
+    if not KEPT:
+        x = _load(X, s, rows, n, d, BD)
+        mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
+        acc = tl.zeros([BN, BD], GX.dtype.element_ty)
     for j0 in range(0, m, BM):
         cols = j0 + tl.arange(0, BM)
-        y = _load(Y, s % heads, cols, m, d, BD)
-        K, live = _kernel(_logits(x, y, TP, RP, s % heads, rows, cols, n, m,
-                                  KP, PREC), mx)
-        g = _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR, PREC)
-        acc += tl.dot(g, y, input_precision=PREC)
-    dd = tl.arange(0, BD)
-    tl.store(GX + (s * n + rows[:, None]) * d + dd[None, :], acc,
-             mask=(rows[:, None] < n) & (dd[None, :] < d))
+        if KEPT:  # (each tile is this program's alone)
+            K = _tile(Kp, s, rows, cols, n, m)
+            g = _grad_tile(K, K > LIVE_ABOVE, U, V, s, rows, cols, n, m, r,
+                           BR, PREC)
+            _store_tile(Kp, s, rows, cols, n, m, g)
+        else:
+            y = _load(Y, s % heads, cols, m, d, BD)
+            K, live = _kernel(_logits(x, y, TP, RP, s % heads, rows, cols,
+                                      n, m, KP, PREC), mx)
+            g = _grad_tile(K, live, U, V, s, rows, cols, n, m, r, BR, PREC)
+            acc += tl.dot(g, y, input_precision=PREC)
+    if not KEPT:
+        dd = tl.arange(0, BD)
+        tl.store(GX + (s * n + rows[:, None]) * d + dd[None, :], acc,
+                 mask=(rows[:, None] < n) & (dd[None, :] < d))
 
 
 @triton.jit

@@ -12,7 +12,6 @@ Built by ``pip install -e .`` (``setup.py``); where it is missing, or the
 CPU lacks the instructions it was built for, :func:`available` is False
 and the reference runs.
 """
-import contextlib
 import importlib
 import os
 import platform
@@ -22,7 +21,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .set_attention import NORM_DELTA, FusedImplementation
+from .set_attention import NORM_DELTA, FusedImplementation, module_setting
 
 
 def builds() -> Dict[str, object]:
@@ -93,27 +92,17 @@ SHARE_BYTES = int(float(os.environ.get('MMSETFORMER_SET_CPU_SHARE_BYTES',
                                        2**25)))
 
 
-@contextlib.contextmanager
-def _setting(name: str, value: int):
-    old = globals()[name]
-    globals()[name] = int(value)
-    try:
-        yield
-    finally:
-        globals()[name] = old
-
-
 def stream_above(nbytes: int):
     """Inside, slices whose kernel exceeds ``nbytes`` stream it (0: every
     slice); the default is :data:`STREAM_BYTES` as set at import."""
-    return _setting('STREAM_BYTES', nbytes)
+    return module_setting(globals(), 'STREAM_BYTES', nbytes)
 
 
 def share_above(nbytes: int):
     """Inside, slices share the threads once the kernels of one slice per
     thread exceed ``nbytes`` (0: whenever a kernel is kept); the default is
     :data:`SHARE_BYTES` as set at import."""
-    return _setting('SHARE_BYTES', nbytes)
+    return module_setting(globals(), 'SHARE_BYTES', nbytes)
 
 
 # The calls' scratch memory (the kept kernel and the blocks of the

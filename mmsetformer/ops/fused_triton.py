@@ -1,18 +1,21 @@
-"""Fused SeT for CUDA: Triton kernels that never store the n x m kernel.
+"""Fused SeT for CUDA: Triton kernels that build the n x m kernel once and
+read it in every pass, or, for kernels above :data:`STREAM_BYTES`, never
+store it.
 
 With the features of ``_features``, ``log K_ij = x_i . y_j + tp_i . rp_j -
 M_i`` floored at ``-LOG_KERNEL_FLOOR``: x the unit queries over eps, y the
 unit references, tp / rp the positional encoding's (k + 2)-dim features and
 ``M_i`` the row max.  Every pass of SeT is a product of ``K`` (or ``K^T``)
-with vectors or thin matrices, so each Triton program rebuilds its tile of
-``K`` from tiles of the features (one ``tl.dot`` over d, k + 2 rank-1
-terms, or none where the position features fit in the dot's padding, and
-one ``exp``), uses it, and drops it, as flash attention does with its
-logits:
+with vectors or thin matrices.  A kept ``K`` is built once (a dot over d
+and an exp per entry) and each pass loads its tiles; a streamed one is
+never stored: each Triton program rebuilds its tile of ``K`` from tiles of
+the features (one ``tl.dot`` over d, k + 2 rank-1 terms, or none where the
+position features fit in the dot's padding, and one ``exp``), uses it, and
+drops it, as flash attention does with its logits:
 
-- ``_row_max``: ``M_i = max_j`` of the logits (the first pass; the floor
+- ``_build``: ``M_i = max_j`` of the logits (the first pass; the floor
   needs the final max, so it is not folded into later passes as an online
-  max);
+  max) and, kept, ``K`` itself;
 - ``_row_pass``: ``K @ vec`` and optionally ``K @ mat`` (row scalings
   ``u = K b``, the redistribution ``K [b^ z]``, and their gradients);
 - ``_col_pass``: ``K^T @ vec`` and optionally ``K^T @ mat`` (column sums
@@ -20,7 +23,9 @@ logits:
 - ``_grad_rows`` / ``_grad_cols``: ``dL/dx = G y`` and ``dL/d[y | rp] = G^T
   [x | tp]`` with ``G = K * (U V^T)`` on the unclamped entries, where ``U
   V^T`` is ``dL/dK`` gathered as in the reference backward (one rank-(d+1)
-  term per aggregation, one rank-1 term per Sinkhorn product).
+  term per aggregation, one rank-1 term per Sinkhorn product).  Kept,
+  ``_grad_rows`` writes ``G`` over ``K`` and the two products are batched
+  GEMMs (torch's).
 
 The orchestration between passes (O(n + m) vectors per slice) is the
 reference's math, step for step, in torch: the result is the same function
@@ -41,13 +46,36 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .set_attention import (NORM_DELTA, FusedImplementation, _safe_div,
-                            _safe_div_grad, _unit)
+from .set_attention import (FUSED_CUDA_MIN_BYTES, NORM_DELTA,
+                            FusedImplementation, _safe_div, _safe_div_grad,
+                            _unit, module_setting)
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
 BLOCK_N = int(os.environ.get('MMSETFORMER_TRITON_BLOCK_N', 64))
 BLOCK_M = int(os.environ.get('MMSETFORMER_TRITON_BLOCK_M', 64))
+
+
+# A call whose kernel (all its B*h slices: they run at once) takes at most
+# this many bytes keeps it: built once, (B*h, n, m), and read by every
+# pass, as the reference and the CPU kernel keep theirs; a larger one is
+# rebuilt tile by tile in every pass and never stored (flash attention's
+# way: O(n + m) memory per slice).  A kept tile costs a 4-byte load per
+# entry where a rebuilt one costs a dot over the head dim and an exp
+# (SeTformer: ~32 FMAs per entry per pass, of which a forward makes 2T + 4
+# and a backward more).  The default is the size above which `auto`
+# takes these kernels outright because the reference would hold too much
+# (set_attention.FUSED_CUDA_MIN_BYTES): below it `auto` times them, kept,
+# against the reference.
+STREAM_BYTES = int(float(os.environ.get('MMSETFORMER_SET_TRITON_STREAM_BYTES',
+                                        FUSED_CUDA_MIN_BYTES)))
+
+
+def stream_above(nbytes: int):
+    """Inside, calls whose kernel exceeds ``nbytes`` rebuild its tiles in
+    every pass (0: every call); the default is :data:`STREAM_BYTES` as set
+    at import."""
+    return module_setting(globals(), 'STREAM_BYTES', nbytes)
 
 
 def _interpreting() -> bool:
@@ -63,7 +91,7 @@ def _triton():
         from . import _triton_kernels as k
     except ImportError as e:
         return str(e)
-    return triton, dict(row_max=k._row_max, row_pass=k._row_pass,
+    return triton, dict(build=k._build, row_pass=k._row_pass,
                         col_pass=k._col_pass, grad_rows=k._grad_rows,
                         grad_cols=k._grad_cols)
 
@@ -173,10 +201,12 @@ class _Passes:
     """The kernels bound to one slice batch: queries' features x (S, n, d),
     the references' y (H, m, d), the position features tp (n, KP) and rp
     (H, m, KP) (KP = 0 without LPE), so that log K + M = x y^T + tp rp^T,
-    and the row maxima ``Mx`` (S, n) of those logits (computed if None)."""
+    and the row maxima ``Mx`` (S, n) of those logits (computed if None).
+    With ``keep``, K is built once into an (S, n, m) buffer that the passes
+    read (see :data:`STREAM_BYTES`)."""
 
     def __init__(self, x: Tensor, y: Tensor, tp: Tensor, rp: Tensor,
-                 Mx: Optional[Tensor] = None):
+                 Mx: Optional[Tensor] = None, keep: bool = False):
         self.k = _triton()[1]
         (self.S, self.n, self.d_x), (self.H, self.m) = x.shape, y.shape[:2]
         kp = tp.shape[1]
@@ -208,12 +238,22 @@ class _Passes:
         self.wide_rows = narrow if tf32 else self.wide
         self.wide_cols = narrow if tf32 and _capability(x) < (9, 0) \
             else self.wide
-        self.Mx = Mx
-        if Mx is not None:
-            return
-        self.Mx = x.new_empty(self.S, self.n)
-        _launch(self.k['row_max'], self._rows_grid(self.meta), *self.feats,
-                self.Mx, self.n, self.m, self.d, self.H, **self.meta)
+        # Kept, other tiles spill inside their loops on sm_80: the row
+        # passes with a matrix in wide tiles at head dims 33-64 (BC = 64),
+        # the dL/dlogK kernel (U V^T alone) in narrow ones in 3xTF32 at
+        # 28 (ptxas holds it to 128 registers there)
+        self.kept_rows, self.kept_grad = narrow, self.wide
+        find = Mx is None
+        self.Mx = x.new_empty(self.S, self.n) if find else Mx
+        self.K = x.new_empty(self.S, self.n, self.m) if keep else None
+        if find or keep:
+            _launch(self.k['build'], self._rows_grid(self.meta),
+                    *self.feats, self.Mx, self._kp(), self.n, self.m,
+                    self.d, self.H, FIND_MAX=find, STORE=keep, **self.meta)
+
+    def _kp(self) -> Tensor:
+        """The kept kernel, or a stand-in pointer that nothing reads."""
+        return self.Mx if self.K is None else self.K
 
     def _rows_grid(self, meta: dict) -> tuple:
         return (_cdiv(self.n, meta['BN']), self.S)
@@ -230,8 +270,9 @@ class _Passes:
         return (col_blocks, self.S, _cdiv(self.n, chunk)), chunk
 
     def _pass(self, kernel, rows: bool, size, vec, mat):
-        meta = self.meta if mat is None else self.wide_rows if rows \
-            else self.wide_cols
+        kept = self.K is not None
+        meta = self.meta if mat is None else self.wide_cols if not rows \
+            else self.kept_rows if kept else self.wide_rows
         if rows:
             grid, extra = self._rows_grid(meta), ()
         else:
@@ -241,10 +282,11 @@ class _Passes:
         out_m = None if mat is None else vec.new_empty(
             *out_v.shape, mat.shape[-1])
         c = 1 if mat is None else mat.shape[-1]
-        _launch(kernel, grid, *self.feats, self.Mx, vec.contiguous(),
-                out_v if mat is None else mat.contiguous(), out_v,
-                out_v if mat is None else out_m, self.n, self.m, self.d, c,
-                self.H, *extra, BC=_p2(c), HAS_MAT=mat is not None, **meta)
+        _launch(kernel, grid, *self.feats, self.Mx, self._kp(),
+                vec.contiguous(), out_v if mat is None else mat.contiguous(),
+                out_v, out_v if mat is None else out_m, self.n, self.m,
+                self.d, c, self.H, *extra, BC=_p2(c),
+                HAS_MAT=mat is not None, KEPT=kept, **meta)
         if mat is None:
             return _parts_sum(out_v)
         return _parts_sum(out_v), _parts_sum(out_m)
@@ -260,15 +302,32 @@ class _Passes:
     def logit_grads(self, U: Tensor, V: Tensor, need_x: bool,
                     need_y: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """dL/dx (S, n, d) and per slice [dL/dy | dL/drp] (S, m, d + KP) for
-        dL/dK = U V^T (U: (S, n, r), V: (S, m, r))."""
+        dL/dK = U V^T (U: (S, n, r), V: (S, m, r)).  The last pass: a kept
+        kernel holds G = dL/dlogK afterwards, and the gradients are two
+        batched GEMMs with it; else each side rebuilds G on its tiles."""
         r = U.shape[-1]
         U, V = U.contiguous(), V.contiguous()
+        x, y, tp, rp = self.feats
         gx = gy = None
+        if self.K is not None:
+            G, self.K = self.K, None
+            _launch(self.k['grad_rows'], self._rows_grid(self.kept_grad),
+                    *self.feats, self.Mx, G, U, V, self.Mx, self.n, self.m,
+                    self.d, r, self.H, BR=R_CHUNK, KEPT=True,
+                    **self.kept_grad)
+            if need_x:  # (the slices of head h: G[b h + h] y[h])
+                gx = torch.matmul(G.view(-1, self.H, self.n, self.m),
+                                  y[..., :self.d_x]).flatten(0, 1)
+            if need_y:
+                gy = torch.matmul(G.transpose(-1, -2), torch.cat(
+                    [x, tp.expand(self.S, -1, -1)], -1) if self.kp else x)
+            return gx, gy
         if need_x:
-            gx = self.feats[0].new_empty(self.S, self.n, self.d)
+            gx = x.new_empty(self.S, self.n, self.d)
             _launch(self.k['grad_rows'], self._rows_grid(self.wide_rows),
-                    *self.feats, self.Mx, U, V, gx, self.n, self.m, self.d,
-                    r, self.H, BR=R_CHUNK, **self.wide_rows)
+                    *self.feats, self.Mx, self.Mx, U, V, gx, self.n, self.m,
+                    self.d, r, self.H, BR=R_CHUNK, KEPT=False,
+                    **self.wide_rows)
             gx = gx[..., :self.d_x]  # (folded token positions: constants)
         if need_y:
             grid, chunk = self._cols_grid(self.wide_cols)
@@ -306,9 +365,9 @@ def _query_features(q: Tensor, eps: float) -> Tensor:
 # for each Sinkhorn step t < T its b_t (m), u_t, a_t (n), s_t (m).
 @torch.library.custom_op('mmsetformer::set_triton_forward', mutates_args=())
 def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
-             num_iters: int) -> List[Tensor]:
+             num_iters: int, stream_bytes: int) -> List[Tensor]:
     (B, h, n, _), m = v.shape, rf3.shape[1]
-    ops, v3 = _bind(q, tok, rf3, v, eps)
+    ops, v3 = _bind(q, tok, rf3, v, eps, stream_bytes)
     # Sinkhorn, as sinkhorn_scalings: b_0 = 1, u_t = K b_t,
     # a_t = 1 / (n u_t), s_t = K^T a_t, b_{t+1} = 1 / (m s_t)
     b = v3.new_ones(B * h, m)
@@ -332,7 +391,7 @@ def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
 
 
 @_forward.register_fake
-def _(q, tok, rf3, v, eps, num_iters):
+def _(q, tok, rf3, v, eps, num_iters, stream_bytes):
     (B, h, n, d), m = v.shape, rf3.shape[1]
     return [q.new_empty(B * h, *s) for s in (
         (n, d), (n, ), (1, ), (1, ), (m, ), (m, d), (n, ), (m, ), (n, ),
@@ -343,12 +402,12 @@ def _(q, tok, rf3, v, eps, num_iters):
                          mutates_args=())
 def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
               fwd: List[Tensor], gy: Tensor, need_q: bool, need_r: bool,
-              eps: float) -> List[Tensor]:
+              eps: float, stream_bytes: int) -> List[Tensor]:
     """[gq (S, n, d), grf (S, m, dp) per slice, gv (S, n, d)]; an empty
     tensor for a gradient not needed."""
     (y, Mx, a_top, b_top, s4, z, w, b_T, u_T, a_T, *flat) = fwd
     T = len(flat) // 4
-    ops, v3 = _bind(q, tok, rf3, v, eps, Mx)
+    ops, v3 = _bind(q, tok, rf3, v, eps, stream_bytes, Mx)
     a_hat, b_hat = a_T / a_top, b_T / b_top
     left, right = [], []
     # y = Y~ / w with [Y~ | w] = K [b^ z | b^]
@@ -394,14 +453,16 @@ def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
 
 
 def _bind(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
+          stream_bytes: int,
           Mx: Optional[Tensor] = None) -> Tuple['_Passes', Tensor]:
     """The kernels bound to the operators' inputs (the queries' features,
     the unit references and the position features apart), and v as
-    (S, n, d)."""
-    d = v.shape[-1]
+    (S, n, d); they keep the kernel unless it exceeds ``stream_bytes``."""
+    (B, h, n, d), m = v.shape, rf3.shape[1]
     y, rp = (t.contiguous() for t in rf3.split([d, rf3.shape[-1] - d], -1))
-    return _Passes(_query_features(q, eps), y, tok.contiguous(), rp, Mx), \
-        v.reshape(-1, *v.shape[2:]).contiguous()
+    keep = B * h * n * m * v.element_size() <= stream_bytes
+    return _Passes(_query_features(q, eps), y, tok.contiguous(), rp, Mx,
+                   keep), v.reshape(-1, *v.shape[2:]).contiguous()
 
 
 def _unit_grad(q: Tensor, gx: Tensor, eps: float) -> Tensor:
@@ -419,4 +480,5 @@ def _unit_grad(q: Tensor, gx: Tensor, eps: float) -> Tensor:
 # (B,h,n,d): the reference ``_SeTFunction`` on the features of
 # ``_features``, with the same contract as ``fused_cpu.IMPLEMENTATION``.
 # The kernels take the features' positional part apart from the rest.
-IMPLEMENTATION = FusedImplementation('triton', _forward, _backward)
+IMPLEMENTATION = FusedImplementation('triton', _forward, _backward,
+                                     lambda: (STREAM_BYTES, ))

@@ -310,6 +310,17 @@ def _safe_div_grad(g: Tensor, out: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, -g * out / torch.where(ok, den, 1.), 0.)
 
 
+@contextlib.contextmanager
+def module_setting(namespace: dict, name: str, value: int):
+    """Inside, ``namespace[name]`` (a module's setting) is ``int(value)``."""
+    old = namespace[name]
+    namespace[name] = int(value)
+    try:
+        yield
+    finally:
+        namespace[name] = old
+
+
 # The fused kernels work on slices: (B*h, n, .) tokens, (h, m, d')
 # references; they share their operators' autograd.
 class FusedImplementation:
