@@ -921,8 +921,12 @@ def test_triton_keeps_the_kernel_up_to_its_stream_size(monkeypatch):
         builds = [store for name, store, _ in launches if name == '_build']
         passes = {kept for name, _, kept in launches if name != '_build'}
         if limit == size:
-            # forward: maxima and kernel; backward: the kernel again
+            # forward: maxima and kernel; backward: the kernel again. One
+            # launch per pass over K: the build, T + 1 row and T column
+            # scalings and the two aggregations forward (2T + 4); backward
+            # the build, their 2T + 2 transposes and dL/dlogK
             assert builds == [True, True] and passes == {True}, launches
+            assert len(launches) == 2 * (2 * 2 + 4), launches
         else:
             assert builds == [False] and passes == {False}, launches
     for a, b in zip(*runs.values()):
