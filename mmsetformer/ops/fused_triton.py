@@ -238,11 +238,9 @@ class _Passes:
         self.wide_rows = narrow if tf32 else self.wide
         self.wide_cols = narrow if tf32 and _capability(x) < (9, 0) \
             else self.wide
-        # Kept, other tiles spill inside their loops on sm_80: the row
-        # passes with a matrix in wide tiles at head dims 33-64 (BC = 64),
-        # the dL/dlogK kernel (U V^T alone) in narrow ones in 3xTF32 at
-        # 28 (ptxas holds it to 128 registers there)
-        self.kept_rows, self.kept_grad = narrow, self.wide
+        # (kept, the row passes with a matrix spill inside their loops on
+        # sm_80 in wide tiles at head dims 33-64, BC = 64)
+        self.kept_rows = narrow
         find = Mx is None
         self.Mx = x.new_empty(self.S, self.n) if find else Mx
         self.K = x.new_empty(self.S, self.n, self.m) if keep else None
@@ -311,10 +309,12 @@ class _Passes:
         gx = gy = None
         if self.K is not None:
             G, self.K = self.K, None
-            _launch(self.k['grad_rows'], self._rows_grid(self.kept_grad),
+            # (wide tiles in every precision: narrow ones spill inside the
+            # loop on sm_80 in 3xTF32 at d = 28, ptxas holding them to 128
+            # registers)
+            _launch(self.k['grad_rows'], self._rows_grid(self.wide),
                     *self.feats, self.Mx, G, U, V, self.Mx, self.n, self.m,
-                    self.d, r, self.H, BR=R_CHUNK, KEPT=True,
-                    **self.kept_grad)
+                    self.d, r, self.H, BR=R_CHUNK, KEPT=True, **self.wide)
             if need_x:  # (the slices of head h: G[b h + h] y[h])
                 gx = torch.matmul(G.view(-1, self.H, self.n, self.m),
                                   y[..., :self.d_x]).flatten(0, 1)
