@@ -318,6 +318,17 @@ def _record(monkeypatch, owner, name: str, calls: list):
                         lambda *a, **k: calls.append(name) or fn(*a, **k))
 
 
+def _record_launches(monkeypatch) -> list:
+    """[(kernel name, constexprs)] of every Triton launch from now on."""
+    launches, launch = [], fused_triton._launch
+
+    def record(kernel, grid, *args, **meta):
+        launches.append((kernel.fn.__name__, meta))
+        launch(kernel, grid, *args, **meta)
+    monkeypatch.setattr(fused_triton, '_launch', record)
+    return launches
+
+
 @pytest.mark.parametrize('backend', ['cpu', 'triton'])
 def test_torch_compile_keeps_the_fused_kernels(backend, monkeypatch):
     """The fused kernels are torch.library operators: opcheck finds their
@@ -902,14 +913,7 @@ def test_triton_keeps_the_kernel_up_to_its_stream_size(monkeypatch):
     q, v, r = _inputs(B, h, n, m, 8, torch.float32, seed=3)
     if _available('triton', q):
         pytest.skip(_available('triton', q))
-    launches, launch = [], fused_triton._launch
-
-    def record(kernel, grid, *args, **meta):
-        launches.append((kernel.fn.__name__, meta.get('STORE'),
-                         meta.get('KEPT', False)))
-        launch(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(fused_triton, '_launch', record)
+    launches = _record_launches(monkeypatch)
     kw = dict(eps=0.3, num_iters=2, pos=_pos((5, 6), (2, 5), torch.float32),
               sigma=0.5)
     size = B * h * n * m * 4
@@ -918,8 +922,10 @@ def test_triton_keeps_the_kernel_up_to_its_stream_size(monkeypatch):
         launches.clear()
         with set_backend('triton'), fused_triton.stream_above(limit):
             runs[limit] = _grads(set_attention(q, v, r, **kw), (q, v, r))
-        builds = [store for name, store, _ in launches if name == '_build']
-        passes = {kept for name, _, kept in launches if name != '_build'}
+        builds = [meta['STORE'] for name, meta in launches
+                  if name == '_build']
+        passes = {meta.get('KEPT', False) for name, meta in launches
+                  if name != '_build'}
         if limit == size:
             # forward: maxima and kernel; backward: the kernel again. One
             # launch per pass over K: the build, T + 1 row and T column
@@ -945,19 +951,14 @@ def test_triton_pre_hopper_tf32_tiles_match_reference(monkeypatch):
         pytest.skip('a GPU chooses its own tiles')
     monkeypatch.setattr(fused_triton, 'INTERPRETED_CC', (8, 0))
     monkeypatch.setenv('MMSETFORMER_SET_PRECISION', 'tf32x3')
-    launched, launch = [], fused_triton._launch
-
-    def record(kernel, grid, *args, **meta):
-        launched.append((kernel.fn.__name__, meta.get('HAS_MAT', True),
-                         meta['BM']))
-        launch(kernel, grid, *args, **meta)
-    monkeypatch.setattr(fused_triton, '_launch', record)
+    launched = _record_launches(monkeypatch)
     kw = dict(eps=0.3, num_iters=2, pos=_pos((6, 9), (7, 10), torch.float32),
               sigma=0.5)
     ours, ref = _run('triton', q, v, r, **kw), _run('reference', q, v, r, **kw)
-    assert {bm for name, mat, bm in launched
-            if name in ('_col_pass', '_grad_cols') and mat} == {32}
-    assert {bm for name, mat, bm in launched if name == '_build'} == {64}
+    assert {meta['BM'] for name, meta in launched
+            if name in ('_col_pass', '_grad_cols')
+            and meta.get('HAS_MAT', True)} == {32}
+    assert {meta['BM'] for name, meta in launched if name == '_build'} == {64}
     for name, a, b in zip(('y', 'dq', 'dv', 'drefs'), ours, ref):
         tol = 1e-5 * b.abs().max().item() + 1e-7
         assert (a - b).abs().max().item() <= tol, \
