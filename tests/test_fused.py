@@ -643,6 +643,34 @@ def test_no_n_by_m_tensor_kept_for_backward(backend, small_tiles):
     assert saved and max(map(math.prod, saved)) < 2 * n * m, saved
 
 
+@pytest.mark.parametrize('backend', ['reference', 'cpu', 'triton'])
+def test_layer_saves_its_output_once(backend, small_tiles):
+    """y comes stored as (B, n, h, d), so the layer's head concatenation is
+    a view and its output projection saves, for the backward, the tensor
+    SeT saved: of the layer's saved tensors, two hold n x C values (its
+    input and y), not three (a transposed copy of y besides)."""
+    from mmsetformer.models import SeTAttention
+    B, n, C, h = 2, 24, 15, 3  # (no other saved tensor has n x C values)
+    x = torch.randn(B, n, C, requires_grad=True)
+    reason = backend != 'reference' and _available(backend, x)
+    if reason:
+        pytest.skip(reason)
+    layer = SeTAttention(C, h, num_refs=6, ref_grid=(2, 3))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with _backend(backend):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, (4, 6))
+        q, v = layer._split(x, (4, 6))
+        y = set_attention(q, v, layer.refs, eps=0.1, num_iters=2)
+    assert y.transpose(1, 2).is_contiguous()
+    assert list(saved.values()).count(x.untyped_storage().nbytes()) == 2, \
+        saved
+
+
 @pytest.mark.parametrize('backend', ['cpu', 'triton'])
 def test_backward_fills_no_zero_gradients(backend, small_tiles):
     """The operators' saved outputs never leave them, so their backward

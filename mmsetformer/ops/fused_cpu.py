@@ -21,7 +21,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .set_attention import NORM_DELTA, FusedImplementation, module_setting
+from .set_attention import (NORM_DELTA, FusedImplementation, heads_last,
+                            module_setting)
 
 
 def builds() -> Dict[str, object]:
@@ -170,9 +171,9 @@ def why_unavailable() -> str:
 # (SeTformer-T compiled by inductor, 8 x 224^2, AMD EPYC: inference 0.92 s
 # with the kernel, 1.69 s with the reference; a training step 2.76 against
 # 5.00 s: results/benchmark_compile.md).
-# The forward returns y and what the backward needs: per slice
-# (S = B*h), A, Uv (T+1, n), Bv (T+1, m), Sv (max(T, 1), m), z (m, d),
-# s4 (m), w (n) and the scalings' maxima (2).
+# The forward returns y (B, h, n, d; heads_last) and what the backward
+# needs: per slice (S = B*h), A, Uv (T+1, n), Bv (T+1, m), Sv (max(T, 1),
+# m), z (m, d), s4 (m), w (n) and the scalings' maxima (2).
 @torch.library.custom_op('mmsetformer::set_cpu_forward', mutates_args=(),
                          device_types='cpu')
 def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
@@ -187,9 +188,10 @@ def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
 @_forward.register_fake
 def _(q, tok, rf3, v, eps, num_iters, stream_bytes, share_bytes):
     (B, h, n, d), m, T = q.shape, rf3.shape[1], num_iters
-    return [q.new_empty(B * h, *s) for s in (
-        (n, d), (T + 1, n), (T + 1, n), (T + 1, m), (max(T, 1), m), (m, d),
-        (m, ), (n, ), (2, ))]
+    return [heads_last(q.new_empty(B, h, n, d))] + [
+        q.new_empty(B * h, *s) for s in (
+            (T + 1, n), (T + 1, n), (T + 1, m), (max(T, 1), m), (m, d),
+            (m, ), (n, ), (2, ))]
 
 
 @torch.library.custom_op('mmsetformer::set_cpu_backward', mutates_args=(),

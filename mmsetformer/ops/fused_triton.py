@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .set_attention import (FUSED_CUDA_MIN_BYTES, NORM_DELTA,
                             FusedImplementation, _safe_div, _safe_div_grad,
-                            _unit, module_setting)
+                            _unit, heads_last, module_setting)
 
 PRECISIONS = ('ieee', 'tf32x3', 'tf32')
 # Tile sizes: rows and references per program (powers of two, >= 16).
@@ -359,10 +359,11 @@ def _query_features(q: Tensor, eps: float) -> Tensor:
 
 # The kernels' orchestration as two torch.library operators (forward,
 # backward): torch.compile keeps them in its graphs instead of tracing the
-# launches.  The forward returns y and what the backward needs, per slice
-# (S = B*h): the row maxima of the logits Mx (n), the scalings' maxima
-# a_top, b_top (1), s4 (m), z (m, d), w (n), the last b (m), u, a (n), and
-# for each Sinkhorn step t < T its b_t (m), u_t, a_t (n), s_t (m).
+# launches.  The forward returns y (B, h, n, d; heads_last) and what the
+# backward needs, per slice (S = B*h): the row maxima of the logits Mx (n),
+# the scalings' maxima a_top, b_top (1), s4 (m), z (m, d), w (n), the last
+# b (m), u, a (n), and for each Sinkhorn step t < T its b_t (m), u_t, a_t
+# (n), s_t (m).
 @torch.library.custom_op('mmsetformer::set_triton_forward', mutates_args=())
 def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
              num_iters: int, stream_bytes: int) -> List[Tensor]:
@@ -386,16 +387,17 @@ def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
     s4, Zt = ops.cols(a_hat, a_hat.unsqueeze(-1) * v3)
     z = Zt / s4.unsqueeze(-1)
     w, Yt = ops.rows(b_hat, b_hat.unsqueeze(-1) * z)
-    out = Yt / w.unsqueeze(-1)
+    out = heads_last((Yt / w.unsqueeze(-1)).view(B, h, n, -1))
     return [out, ops.Mx, a_top, b_top, s4, z, w, b, u, a, *steps]
 
 
 @_forward.register_fake
 def _(q, tok, rf3, v, eps, num_iters, stream_bytes):
     (B, h, n, d), m = v.shape, rf3.shape[1]
-    return [q.new_empty(B * h, *s) for s in (
-        (n, d), (n, ), (1, ), (1, ), (m, ), (m, d), (n, ), (m, ), (n, ),
-        (n, ), *[(m, ), (n, ), (n, ), (m, )] * num_iters)]
+    return [heads_last(q.new_empty(B, h, n, d))] + [
+        q.new_empty(B * h, *s) for s in (
+            (n, ), (1, ), (1, ), (m, ), (m, d), (n, ), (m, ), (n, ), (n, ),
+            *[(m, ), (n, ), (n, ), (m, )] * num_iters)]
 
 
 @torch.library.custom_op('mmsetformer::set_triton_backward',
@@ -408,6 +410,7 @@ def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
     (y, Mx, a_top, b_top, s4, z, w, b_T, u_T, a_T, *flat) = fwd
     T = len(flat) // 4
     ops, v3 = _bind(q, tok, rf3, v, eps, stream_bytes, Mx)
+    y, gy = (t.reshape(v3.shape) for t in (y, gy))  # (S, n, d)
     a_hat, b_hat = a_T / a_top, b_T / b_top
     left, right = [], []
     # y = Y~ / w with [Y~ | w] = K [b^ z | b^]

@@ -291,6 +291,15 @@ def _XK(X: Tensor, K: Tensor) -> Tensor:
     return torch.matmul(X.transpose(-1, -2), K).transpose(-1, -2)
 
 
+def heads_last(y: Tensor) -> Tensor:
+    """y (B, h, n, d), stored as (B, n, h, d): the layout in which a layer
+    concatenates its heads.  Every implementation returns y so: the layer's
+    ``y.transpose(1, 2).reshape(B, n, h * d)`` is then a view, and its output
+    projection saves for its backward the tensor that SeT saved for its own,
+    not a copy of it (one n x C tensor less per layer in training)."""
+    return y.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _safe_div(num, den: Tensor) -> Tensor:
     """num / den, and 0 where den underflowed (< smallest normal float).
 
@@ -331,11 +340,14 @@ class FusedImplementation:
 
     - ``forward_op(q, tok, rf3, v, eps, T, *extra()) -> [y, *saved]``: q, v
       (B, h, n, d) with rows of unit stride, the token positions' features
-      tok (n, k), the references' rf3 (h, m, d + k); y (S, n, d), S = B*h.
-      The kernels build the queries' features themselves;
+      tok (n, k), the references' rf3 (h, m, d + k); y (B, h, n, d) stored
+      as :func:`heads_last` says, ``saved`` per slice (S = B*h).  The
+      kernels build the queries' features themselves;
     - ``backward_op(q, tok, rf3, v, [y, *saved], gy, need_q, need_rf, eps,
       *extra) -> [gq (S, n, d), grf (S, m, d + k) per slice, gv]``, an
-      empty tensor for a gradient not needed.
+      empty tensor for a gradient not needed; gy (B, h, n, d) with rows of
+      unit stride (as the layer's output projection hands it back, in y's
+      layout).
 
     The token positions get no gradient (they are constants of the map).
     """
@@ -360,8 +372,9 @@ class FusedImplementation:
             # where the caller passes an undefined one, as gradcheck does)
             if grads[0] is None:
                 return (None, ) * (6 + len(ctx.args) - 1)
-            gq, gr, gv = backward_op(q, tok, rf3, v, fwd,
-                                     grads[0].contiguous(), need_q, need_r,
+            gy = grads[0] if grads[0].stride(-1) == 1 else \
+                grads[0].contiguous()
+            gq, gr, gv = backward_op(q, tok, rf3, v, fwd, gy, need_q, need_r,
                                      *ctx.args)
             B, h, n, _ = q.shape
             return (gq.view(B, h, n, -1) if need_q else None, None,
@@ -377,12 +390,10 @@ class FusedImplementation:
               eps: float, num_iters: int) -> Tensor:
         """y (B, h, n, d) for the references' features rf (1, h, m, d + k).
         q and v may be views (the layer's projection split into heads)."""
-        B, h, n, d = v.shape
         q, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, v))
-        rf3 = rf.reshape(h, *rf.shape[-2:]).contiguous()
-        y = self.forward_op(q, tok.contiguous(), rf3, v, eps, num_iters,
-                            *self.extra())[0]
-        return y.view(B, h, n, d)
+        rf3 = rf.reshape(v.shape[1], *rf.shape[-2:]).contiguous()
+        return self.forward_op(q, tok.contiguous(), rf3, v, eps, num_iters,
+                               *self.extra())[0]
 
     def __repr__(self) -> str:
         return f'<SeT: {self.backend} kernels>'
@@ -491,7 +502,7 @@ class _SeTFunction(torch.autograd.Function):
         X5 = torch.cat([b_hat.unsqueeze(-1) * z, b_hat.unsqueeze(-1)], -1)
         Y5 = torch.matmul(K, X5)
         w = Y5[..., -1:]
-        y = Y5[..., :-1] / w  # w >= exp(-30) likewise
+        y = heads_last(Y5[..., :-1] / w)  # w >= exp(-30) likewise
         if saving:
             flat = [t for step in trace for t in step if t is not None]
             # (rebuilt, the kernel is the same: the same product of the
@@ -822,8 +833,9 @@ def set_attention(q: Tensor,
         eps, num_iters, pos, sigma: as in :func:`transport_plan`.
 
     Returns:
-        y: (B, h, n, d) in the dtype of ``v``; each y_i is a convex
-        combination of the values.
+        y: (B, h, n, d) in the dtype of ``v``, stored as (B, n, h, d)
+        (:func:`heads_last`); each y_i is a convex combination of the
+        values.
     """
     _check(q, refs, eps, num_iters, pos, sigma)
     if v.shape[:3] != q.shape[:3]:

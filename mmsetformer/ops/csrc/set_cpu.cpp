@@ -21,6 +21,8 @@
 // (h, m, d + k) with slice s = b h + head using head s % h; S = B h.  The
 // kernel builds each slice's query features qf (n, dp = d + k) itself, as
 // _features in set_attention.py does: [q / (|q| + delta) / eps, tok].
+// y is written, and its gradient read, as (B, h, n, d) views of (B, n, h,
+// d) tensors (heads_last in set_attention.py: the layer's own layout).
 // Row-major throughout.
 #include <torch/extension.h>
 
@@ -248,12 +250,13 @@ void kernel_block(const T *qf, const T *rf, int64_t m, int64_t dp,
   }
 }
 
-// Rows of one slice of a (B, h, n, d) tensor whose rows have unit stride.
-template <typename T>
+// Rows of one slice of a (B, h, n, d) tensor whose rows have unit stride
+// (E = const T to read them, T to write them).
+template <typename T, typename E = const T>
 struct RowsOf {
-  const T *p;
+  E *p;
   int64_t stride;  // between consecutive rows
-  const T *operator[](int64_t i) const { return p + i * stride; }
+  E *operator[](int64_t i) const { return p + i * stride; }
 };
 
 // Rows [i0, i1) of the query features qf (dp = d + k columns, row i at
@@ -422,7 +425,8 @@ int64_t forward_ws(const Dims<T> &D, int64_t chunks) {
 // instead.  Then [Y~ | w] = K [b^ z | b^].
 template <typename T>
 void forward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
-                   RowsOf<T> v, T *y, const Saved<T> &S, T *ws) {
+                   RowsOf<T> v, RowsOf<T, T> y, const Saved<T> &S,
+                   T *ws) {
   const int64_t n = D.n, m = D.m, d = D.d, c = D.c(), iters = D.iters,
                 rows = D.rows();
   const T inv_n = T(1) / n, inv_m = T(1) / m;
@@ -503,7 +507,8 @@ void forward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
       for (int64_t i = i0; i < i0 + nb; ++i) {
         const T *y5 = Y5 + (i - i0) * c;
         S.w[i] = y5[d];
-        for (int64_t k = 0; k < d; ++k) y[i * d + k] = y5[k] / y5[d];
+        T *yi = y[i];
+        for (int64_t k = 0; k < d; ++k) yi[k] = y5[k] / y5[d];
       }
     });
   });
@@ -525,7 +530,8 @@ int64_t backward_ws(const Dims<T> &D, int64_t chunks) {
 // same rows, one per Sinkhorn step in reverse, and dL/dlogK.
 template <typename T>
 void backward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
-                    RowsOf<T> v, const T *y, const T *gy, const Saved<T> &S,
+                    RowsOf<T> v, RowsOf<T> y, RowsOf<T> gy,
+                    const Saved<T> &S,
                     T *gq, T *grf, T *gv, T *ws) {
   const int64_t n = D.n, m = D.m, dp = D.dp, d = D.d, c = D.c(),
                 iters = D.iters, r = D.rank(), rows = D.rows();
@@ -548,10 +554,11 @@ void backward_slice(const Dims<T> &D, RowsOf<T> q, const T *tok, const T *rf,
   // y = Y~ / w with [Y~ | w] = K X5: factor G5 in U[:, 0:c], X5 in V
   for (int64_t i = 0; i < n; ++i) {
     T *g5 = U + i * r;
+    const T *yi = y[i], *gyi = gy[i];
     T dyy = 0;
     for (int64_t k = 0; k < d; ++k) {
-      g5[k] = gy[i * d + k] / S.w[i];
-      dyy += g5[k] * y[i * d + k];
+      g5[k] = gyi[k] / S.w[i];
+      dyy += g5[k] * yi[k];
     }
     g5[d] = -dyy;
   }
@@ -767,8 +774,8 @@ void check_rows(const torch::Tensor &t, const char *name) {
               " must be (B, h, n, d) with rows of unit stride");
 }
 
-template <typename T>
-RowsOf<T> rows_of(const torch::Tensor &t, int64_t s) {
+template <typename T, typename E = const T>
+RowsOf<T, E> rows_of(const torch::Tensor &t, int64_t s) {
   const int64_t h = t.size(1);
   return {t.data_ptr<T>() + (s / h) * t.stride(0) + (s % h) * t.stride(1),
           t.stride(2)};
@@ -819,7 +826,10 @@ std::vector<torch::Tensor> set_forward(torch::Tensor q, torch::Tensor tok,
                   q.scalar_type() == tok.scalar_type(),
               "set_forward: one dtype for all inputs");
   auto opt = q.options();
-  auto y = torch::empty({S, n, d}, opt);
+  // y (B, h, n, d) stored as (B, n, h, d), the heads' concatenation: the
+  // layer's output projection then reads (and saves for its backward) the
+  // tensor saved here, instead of a transposed copy of it
+  auto y = torch::empty({q.size(0), n, h, d}, opt).permute({0, 2, 1, 3});
   auto A = torch::empty({S, iters + 1, n}, opt);
   auto Uv = torch::empty({S, iters + 1, n}, opt);
   auto Bv = torch::empty({S, iters + 1, m}, opt);
@@ -834,12 +844,11 @@ std::vector<torch::Tensor> set_forward(torch::Tensor q, torch::Tensor tok,
     const Dims<T> D = dims<T>(n, m, dp, d, iters, stream_bytes, share_bytes,
                               eps, delta);
     const T *r = rf.data_ptr<T>(), *tk = tok.data_ptr<T>();
-    T *yp = y.data_ptr<T>();
     auto ws_elems = [&](int64_t ch) { return forward_ws(D, ch); };
     const auto ws_t = workspace(ws_in, slices_ws(S, D, ws_elems), q);
     for_slices<T>(S, D, ws_elems, ws_t, [&](int64_t s, T *ws) {
       forward_slice(D, rows_of<T>(q, s), tk, r + (s % H) * m * dp,
-                    rows_of<T>(v, s), yp + s * n * d,
+                    rows_of<T>(v, s), rows_of<T, T>(y, s),
                     saved_of<T>(s, n, m, d, iters, saved), ws);
     });
   });
@@ -884,11 +893,14 @@ std::vector<torch::Tensor> set_backward(
   check_rows(v, "v");
   check(tok, "tok", 2);
   check(rf, "rf", 3);
-  check(y, "y", 3);
-  check(gy, "gy", 3);
+  check_rows(y, "y");
+  check_rows(gy, "gy");
   const int64_t h = q.size(1), S = q.size(0) * h, n = q.size(2),
                 d = q.size(3), H = rf.size(0), m = rf.size(1),
                 dp = rf.size(2), iters = A.size(1) - 1;
+  TORCH_CHECK(v.sizes() == q.sizes() && y.sizes() == q.sizes() &&
+                  gy.sizes() == q.sizes(),
+              "set_backward: q, v, y and gy must have one shape");
   auto opt = q.options();
   auto gq = need_q ? torch::empty({S, n, d}, opt) : torch::Tensor();
   auto grf = need_rf ? torch::empty({S, m, dp}, opt) : torch::Tensor();
@@ -901,15 +913,14 @@ std::vector<torch::Tensor> set_backward(
     using T = scalar_t;
     const Dims<T> D = dims<T>(n, m, dp, d, iters, stream_bytes, share_bytes,
                               eps, delta);
-    const T *r = rf.data_ptr<T>(), *tk = tok.data_ptr<T>(),
-            *yp = y.data_ptr<T>(), *gyp = gy.data_ptr<T>();
+    const T *r = rf.data_ptr<T>(), *tk = tok.data_ptr<T>();
     T *gqp = need_q ? gq.data_ptr<T>() : nullptr,
       *gr = need_rf ? grf.data_ptr<T>() : nullptr, *gvp = gv.data_ptr<T>();
     auto ws_elems = [&](int64_t ch) { return backward_ws(D, ch); };
     const auto ws_t = workspace(ws_in, slices_ws(S, D, ws_elems), q);
     for_slices<T>(S, D, ws_elems, ws_t, [&](int64_t s, T *ws) {
       backward_slice(D, rows_of<T>(q, s), tk, r + (s % H) * m * dp,
-                     rows_of<T>(v, s), yp + s * n * d, gyp + s * n * d,
+                     rows_of<T>(v, s), rows_of<T>(y, s), rows_of<T>(gy, s),
                      saved_of<T>(s, n, m, d, iters, saved),
                      gqp ? gqp + s * n * d : nullptr,
                      gr ? gr + s * m * dp : nullptr, gvp + s * n * d, ws);
