@@ -387,7 +387,9 @@ def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
     s4, Zt = ops.cols(a_hat, a_hat.unsqueeze(-1) * v3)
     z = Zt / s4.unsqueeze(-1)
     w, Yt = ops.rows(b_hat, b_hat.unsqueeze(-1) * z)
-    out = heads_last((Yt / w.unsqueeze(-1)).view(B, h, n, -1))
+    # written straight into heads_last's layout: no (B, h, n, d) temporary
+    out = v3.new_empty(B, n, h, Yt.shape[-1]).transpose(1, 2)
+    torch.div(Yt.view(B, h, n, -1), w.view(B, h, n, 1), out=out)
     return [out, ops.Mx, a_top, b_top, s4, z, w, b, u, a, *steps]
 
 
