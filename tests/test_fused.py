@@ -588,6 +588,28 @@ def check_auto_measures_while_compiling(monkeypatch, device, backend,
     assert not triton and not timed and not m.measured_choices()
 
 
+def test_choice_follows_torch_export_not_is_exporting(monkeypatch):
+    """On torch 2.11 (the GPU image's) dynamo folds
+    ``torch.compiler.is_exporting()`` to True in every compiled graph, which
+    made compiled SeTformers run the reference: SeT reads the flag that
+    torch.export itself sets instead (the exporters still get the
+    reference, ``test_torch_compile_keeps_the_fused_kernels``)."""
+    q = torch.zeros(1, 2, 20, 8)
+    fused = fused_cpu.IMPLEMENTATION if fused_cpu.available() else None
+    if fused is None:
+        monkeypatch.setattr(set_attention_module, '_TRITON_DEVICES',
+                            ('cpu', ))
+        monkeypatch.setattr(set_attention_module, 'FUSED_CUDA_MIN_BYTES', 0)
+        fused = fused_triton.IMPLEMENTATION
+        if fused_triton.why_unavailable(q):
+            pytest.skip(fused_triton.why_unavailable(q))
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)
+    assert set_attention_module._implementation(q, 6) is fused
+    monkeypatch.setattr(torch.compiler, '_is_exporting_flag', True)
+    assert set_attention_module._implementation(q, 6) is \
+        set_attention_module._SeTFunction
+
+
 def test_auto_measures_while_compiling(monkeypatch):
     """As on CUDA, with the CPU in the Triton kernels' devices (their
     interpreter; the compiled CPU kernel unavailable) and the timings

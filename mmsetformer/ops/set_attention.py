@@ -611,10 +611,19 @@ def _observed(x: Tensor) -> bool:
     (:class:`FusedImplementation`; dynamo cannot trace the query of the
     dispatch modes, and its own fake tensors are not the user's)."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() \
-        or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() \
+        or _exporting() or torch.onnx.is_in_onnx_export() \
         or (not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is not None) \
         or x.device.type == 'meta'
+
+
+def _exporting() -> bool:
+    """Whether torch.export traces. Dynamo folds ``is_exporting()`` to
+    True under any torch.compile on some releases (2.11, the GPU image's),
+    which would hide the fused kernels from compiled graphs; the flag that
+    torch.export sets around its tracing is read instead where it exists."""
+    flag = getattr(torch.compiler, '_is_exporting_flag', None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def _implementation(qf: Tensor, rf_rows: int = 0,
@@ -856,7 +865,9 @@ def _apply(fn, q: Tensor, refs: Tensor, v: Tensor, eps: float,
     """SeT by the implementation ``fn`` (the reference's autograd function
     or a :class:`FusedImplementation`), given the inputs in the compute
     dtype."""
-    if isinstance(fn, FusedImplementation):  # (they build qf themselves)
+    # (identity, not isinstance: dynamo cannot type an autograd.Function
+    # class in isinstance on every torch version)
+    if fn is not _SeTFunction:  # fused kernels build qf themselves
         tok_f, rf = _ref_features(refs, pos, sigma, q.dtype, q.device)
         if tok_f is None:
             tok_f = q.new_empty(q.shape[2], 0)
