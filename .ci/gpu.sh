@@ -16,8 +16,9 @@
 # .whl/), then one device run, carrying .whl, of `bash .ci/gpu.sh session`:
 # the operator's CUDA tests and the backbone benchmark (Swin from timm;
 # SeTformer-T as auto measures it, and with the reference and the Triton
-# kernels in fp32 and 3xTF32) run while mmcv builds in the background, then the model tests (AMP,
-# NCCL) and the whole-model benchmark.  Every step's log and results go
+# kernels in fp32, 3xTF32 and streamed) run while mmcv builds in the
+# background, then the model tests (AMP, NCCL) and the whole-model
+# benchmark.  Every step's log and results go
 # to $OUT as they finish, so a run stopped at its time limit still
 # returns them; the built mmcv wheel comes back in <= 15 MiB parts when
 # it is small enough (`cat mmcv-*.part* > .whl/<name>` skips the build
@@ -81,20 +82,20 @@ case "${1:-all}" in
     ls "$W"; du -sh "$W" ;;
   session)
     # $OUT returns 8 files at most: one log, two benchmark reports (md +
-    # json each), and up to three parts of the built mmcv wheel.
+    # json each), and up to three parts of the built mmcv wheel (or, where
+    # install.sh failed, its whole log).
     T0=$(date +%s)
     LOGS="$(mktemp -d)"
     at() {
       echo "[session +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/session.log"
     }
-    # step NAME CMD...: run, log to $LOGS/NAME.log, its tail into the log
+    # step NAME CMD...: run, its output straight into the log (a step cut
+    # off at the lease's time limit still leaves what it printed)
     step() {
       local name="$1"; shift
       at "$name: $*"
-      "$@" > "$LOGS/$name.log" 2>&1
-      local rc=$?
-      tail -n 40 "$LOGS/$name.log" >> "$OUT/session.log"
-      at "$name: rc $rc"
+      "$@" >> "$OUT/session.log" 2>&1
+      at "$name: rc $?"
     }
     # bench NAME ARGS...: tools/benchmark.py --device cuda, report to $OUT
     bench() {
@@ -108,7 +109,8 @@ case "${1:-all}" in
     if [[ -d .whl ]]; then
       export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl"
     fi
-    nvidia-smi -L >> "$OUT/session.log"
+    { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
+        --format=csv; lscpu | grep 'Model name'; nproc; } >> "$OUT/session.log"
     step light "$PY" -m pip install -q --no-deps mmengine==0.10.7 addict \
       yapf termcolor platformdirs
     at "background: tools/install.sh (mmcv 2.1.0's CUDA ops from source)"
@@ -118,19 +120,38 @@ case "${1:-all}" in
     # the source tree for the foreground (install.sh installs it, with the
     # SeT CPU kernel, at its end)
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    step tests_ops "$PY" -m pytest -q -rs "${CUDA_TESTS[@]}" -k "$OPS"
-    bench early --only operator backbone --swin timm --models SeTformer-T
-    wait "$BUILD"; rc=$?
-    tail -n 40 "$LOGS/install.log" >> "$OUT/session.log"
-    at "install.sh: rc $rc"
-    whl="$(find ~/.cache/pip/wheels -name 'mmcv-2.1.0-*.whl' | head -1)"
+    step tests_ops "$PY" -m pytest -q -rs --durations=8 "${CUDA_TESTS[@]}" \
+      -k "$OPS"
+    # the backbone and operator benchmark on the GPU while mmcv builds on
+    # the CPUs; it yields to the model tests once mmcv and the OpenMMLab
+    # libraries are in (its report keeps the parts it finished)
+    bench early --only backbone operator --swin timm --models SeTformer-T &
+    EARLY=$!
+    # the model tests need mmcv's ops and mmdet/mmseg, not the SeT CPU
+    # kernel that install.sh compiles last (~1.5 min): they start then
+    until grep -q 'mmsetformer (editable' "$LOGS/install.log" 2>/dev/null \
+        || ! kill -0 "$BUILD" 2>/dev/null; do
+      sleep 2
+    done
+    at "install.sh: the OpenMMLab stack is in"
+    whl="$(find "$("$PY" -m pip cache dir)" -name 'mmcv-2.1.0-*.whl' | head -1)"
     if [[ -n "$whl" ]]; then
       at "built $(basename "$whl"): $(du -m "$whl" | cut -f1) MB"
       if (( $(stat -c %s "$whl") <= 45 * 2**20 )); then
         split -b 15M -d "$whl" "$OUT/$(basename "$whl").part"
       fi
     fi
-    step tests_models "$PY" -m pytest -q -rs "${CUDA_TESTS[@]}" -k "not ($OPS)"
+    if kill -0 "$EARLY" 2>/dev/null; then
+      at "bench_early: stopped for the model tests"
+      pkill -f 'tools/benchmark.py'
+    fi
+    wait "$EARLY"
+    step tests_models "$PY" -m pytest -q -rs --durations=8 \
+      "${CUDA_TESTS[@]}" -k "not ($OPS)"
+    wait "$BUILD"; rc=$?
+    tail -n 30 "$LOGS/install.log" >> "$OUT/session.log"
+    at "install.sh: rc $rc"
+    (( rc )) && cp "$LOGS/install.log" "$OUT/install.log"  # the whole story
     bench models --only model
     at done ;;
   *) echo "usage: $0 install|ops|tests|bench|all|session|wheels" >&2; exit 2 ;;

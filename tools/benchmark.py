@@ -34,6 +34,7 @@ import functools
 import gc
 import importlib
 import json
+import math
 import os
 import os.path as osp
 import platform
@@ -41,6 +42,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 from typing import Callable, Dict
 from unittest import mock
 
@@ -429,15 +431,20 @@ def _setformer(arch, m):
 
 class _SeTBackend(torch.nn.Module):
     """A backbone whose SeT layers run the given implementation (and, for
-    the Triton kernels, ``tl.dot`` input precision)."""
+    the Triton kernels, ``tl.dot`` input precision; ``streamed``: their
+    kernels rebuilt in every pass at every size)."""
 
-    def __init__(self, backbone, backend: str, precision: str = None):
+    def __init__(self, backbone, backend: str, precision: str = None,
+                 streamed: bool = False):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.streamed = backbone, streamed
         self.run = _forced(backbone, backend, precision)
 
     def forward(self, x):
-        return self.run(x)
+        if not self.streamed:
+            return self.run(x)
+        with fused_triton.stream_above(0):
+            return self.run(x)
 
 
 def backbones(quick, swin='mmdet', cuda=False):
@@ -461,7 +468,10 @@ def backbones(quick, swin='mmdet', cuda=False):
         variants.update({
             'SeTformer-T (Triton SeT)': forced('t', 'triton'),
             'SeTformer-T (Triton SeT, 3xTF32)': forced('t', 'triton',
-                                                       'tf32x3')})
+                                                       'tf32x3'),
+            # O(n + m) memory in every layer: what the memory target costs
+            'SeTformer-T (Triton SeT, streamed)': forced('t', 'triton', None,
+                                                         True)})
     return {
         'SeTformer-M': lambda m, hw: _setformer('m', m),
         'SeTformer-T': lambda m, hw: _setformer('t', m),
@@ -524,7 +534,9 @@ def bench_backbone(args, device, report):
     precisions = [None, torch.float16] if device.type == 'cuda' else [None]
     swin = swin_source(args.swin)
     print(f'  Swin baselines from {swin}', flush=True)
-    rows = []
+    # (filled as it goes: the report written after a failure keeps them)
+    rows = report['backbone'] = []
+    report['swin'] = swin
     for label, (b, h, w), m, only in settings:
         models = {k: f(m, (h, w)).to(device)
                   for k, f in backbones(args.quick, swin,
@@ -574,8 +586,6 @@ def bench_backbone(args, device, report):
                           else ''), flush=True)
         del models
         gc.collect()
-    report['backbone'] = rows
-    report['swin'] = swin
 
 
 # -- opt-in part (--only compile): torch.compile ------------------------------
@@ -881,7 +891,9 @@ def to_markdown(report) -> str:
         ref = {(r['setting'], r['mode']): r for r in report['backbone']
                if r['model'] == 'Swin-T'}
         for r in report['backbone']:
-            s = ref[(r['setting'], r['mode'])]
+            # (no Swin-T row where a run stopped inside the mode)
+            s = ref.get((r['setting'], r['mode']),
+                        dict(time=math.nan, peak_mem=math.nan))
             out.append(
                 f'| {r["setting"]} | {r["mode"]} | {r["model"]} | '
                 f'{r["time"]:.3f} | {r.get("batch", 1) / r["time"]:.1f} | '
@@ -1006,6 +1018,21 @@ def machine() -> str:
             f'{torch.__version__}, {kernel}')
 
 
+def write_report(report: dict, out: str, name: str, t0: float) -> str:
+    """``name``.json and ``name``.md in ``out``; returns the markdown."""
+    choices = measured_choices()  # what `auto` measured (CUDA)
+    if choices:
+        report['set_choices'] = [{k: v for k, v in c.items() if k != 'key'}
+                                 for c in choices]
+    report['seconds'] = time.time() - t0
+    with open(osp.join(out, f'{name}.json'), 'w') as f:
+        json.dump(report, f, indent=1)
+    md = to_markdown(report)
+    with open(osp.join(out, f'{name}.md'), 'w') as f:
+        f.write(md + f'\nTotal benchmark time: {report["seconds"]:.0f} s.\n')
+    return md
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--only', nargs='+',
@@ -1051,25 +1078,27 @@ def main():
     if parts == ['compile']:  # (beside the full report, not over it)
         name += '_compile'
 
+    failed = []
     for part in parts:
         print(f'== {part}', flush=True)
-        globals()[f'bench_{part}'](args, device, report)
-    choices = measured_choices()  # what `auto` measured (CUDA)
-    if choices:
-        report['set_choices'] = [{k: v for k, v in c.items() if k != 'key'}
-                                 for c in choices]
-    report['seconds'] = time.time() - t0
-    with open(osp.join(args.out, f'{name}.json'), 'w') as f:
-        json.dump(report, f, indent=1)
-    md = to_markdown(report)
-    with open(osp.join(args.out, f'{name}.md'), 'w') as f:
-        f.write(md + f'\nTotal benchmark time: {report["seconds"]:.0f} s.\n')
+        try:
+            globals()[f'bench_{part}'](args, device, report)
+        except Exception:  # the other parts still run (a short GPU lease)
+            traceback.print_exc()
+            failed.append(part)
+            continue
+        # the report so far after every part: a run stopped early (a GPU
+        # lease's time limit) keeps the parts it finished
+        write_report(report, args.out, name, t0)
+    md = write_report(report, args.out, name, t0)
     if 'operator' in report:
         plot(report, osp.join(args.out, f'{name}_scaling.png'))
     print('\n' + md)
     print(f'wrote {args.out}/{name}.md, {name}.json'
           f'{f", {name}_scaling.png" if "operator" in report else ""} in '
           f'{report["seconds"]:.0f} s')
+    if failed:
+        sys.exit(f'failed: {", ".join(failed)} (tracebacks above)')
 
 
 if __name__ == '__main__':

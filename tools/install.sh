@@ -14,9 +14,10 @@
 #
 # Idempotent: when the environment was built from the same pins (this file and
 # setup.cfg) and still imports, it returns in seconds.  mmcv 2.1.0 has no wheel
-# for torch 2.14, so it is built from source once (~10 min on 2 cores); pip
-# keeps the built wheel in its cache (~/.cache/pip/wheels), so a rebuild of the
-# venv on the same machine reuses it.
+# for torch 2.14, so it is built from source once (~10 min on 2 cores); the
+# built wheel is kept in pip's cache dir, one per torch build
+# (~/.cache/pip/mmsetformer-mmcv/<torch>-<python>-cuda<0|1>), so a rebuild of
+# the venv on the same machine reuses it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -151,8 +152,16 @@ W
     say "mmcv ops: CPU only (set MMSETFORMER_CUDA=1 on a CUDA machine)"
   fi
   export PATH="$WRAP:$PATH" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  say "$MMCV_PIN with compiled ops: from pip's wheel cache if built before, else a source build (~10 min)"
-  pip_ install --no-build-isolation "${NO_DEPS[@]}" $MMCV_PIN
+  # pip's wheel cache keys a wheel built from an sdist by the sdist alone:
+  # an mmcv built against another torch would be reused and fail to load
+  # (undefined c10 symbols). One cache per torch build and op set, inside
+  # pip's own cache (what CI keeps).
+  tag="$("$PY" -c 'import sys, torch; print(f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")')"
+  MMCV_CACHE="$("$PY" -m pip cache dir 2>/dev/null || echo "$HOME/.cache/pip")/mmsetformer-mmcv/$tag-cuda$cuda"
+  # an mmcv that is installed but does not load (built for another torch)
+  "$PY" -m pip show -q mmcv >/dev/null 2>&1 && pip_ uninstall -q -y mmcv
+  say "$MMCV_PIN with compiled ops: from the wheel cache $MMCV_CACHE if built before, else a source build (~10 min)"
+  pip_ install --no-build-isolation --cache-dir "$MMCV_CACHE" "${NO_DEPS[@]}" $MMCV_PIN
 else
   say "mmcv 2.1.0 with ops already present"
 fi
