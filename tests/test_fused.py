@@ -588,6 +588,36 @@ def check_auto_measures_while_compiling(monkeypatch, device, backend,
     assert not triton and not timed and not m.measured_choices()
 
 
+@pytest.mark.parametrize('keep', ['0', '1'])
+def test_dynamic_shapes_compile_once(keep, monkeypatch):
+    """torch.compile(dynamic=True) of SeT, forward + backward (the
+    reference, as ``auto`` takes it under symbolic shapes; K kept or
+    rebuilt in the backward, the GPU's default): a second token count
+    runs the same graph, with eager's gradients. The backward's row blocks
+    once made dynamo specialise n: a recompile per image size, and on
+    torch 2.11 (the GPU image's) an internal error."""
+    m = set_attention_module
+    monkeypatch.setattr(m, 'KEEP_KERNEL', keep)
+    torch._dynamo.reset()
+    fn = torch.compile(
+        lambda q, v, r, pos: set_attention(q, v, r, eps=0.3, num_iters=2,
+                                           pos=pos, sigma=0.5),
+        backend='aot_eager', fullgraph=True, dynamic=True)
+    # (sizes that no two dimensions share: dynamo's duck sizing aside)
+    with set_backend('reference'), \
+            torch._dynamo.config.patch(error_on_recompile=True):
+        for hw in ((4, 5), (5, 7)):
+            q, v, r = _inputs(2, 3, hw[0] * hw[1], 6, 8, torch.float32,
+                              seed=8)
+            pos = _pos(hw, (2, 3), torch.float32)
+            out = _grads(fn(*(t.requires_grad_() for t in (q, v, r)), pos),
+                         (q, v, r))
+            ref = _run('reference', q, v, r, eps=0.3, num_iters=2, pos=pos,
+                       sigma=0.5)
+            for a, b in zip(out, ref):
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_choice_follows_torch_export_not_is_exporting(monkeypatch):
     """On torch 2.11 (the GPU image's) dynamo folds
     ``torch.compiler.is_exporting()`` to True in every compiled graph, which

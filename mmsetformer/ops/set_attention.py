@@ -454,24 +454,34 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
     than the products, and a cache-sized block serves both products hot.
     """
     batch, (n, m) = math.prod(K.shape[:-2]), K.shape[-2:]
-    block = _GRAD_BLOCK_ELEMS if K.device.type == 'cpu' \
-        else _GRAD_BLOCK_ELEMS_GPU
-    rows = max(1, min(n, block // max(1, batch * m)))
-    buf = K.new_empty(batch * rows * m)
     floor = torch.tensor(-LOG_KERNEL_FLOOR, dtype=K.dtype).exp()
-    gqf, grf = [], None
-    for i in range(0, n, rows):
+    gqf, grf = [], []
+
+    def rows_from(i: int, rows: int, buf: Optional[Tensor]):
         Kb = K[..., i:i + rows, :]
-        glog = torch.matmul(U[..., i:i + rows, :], Vt,
-                            out=buf[:Kb.numel()].view(Kb.shape))
+        glog = torch.matmul(U[..., i:i + rows, :], Vt, out=None if buf is None
+                            else buf[:Kb.numel()].view(Kb.shape))
         glog.mul_(Kb).masked_fill_(Kb <= floor, 0)
         if need_qf:
             gqf.append(torch.matmul(glog, rf))
         if need_rf:
             g = torch.matmul(qf[..., i:i + rows, :].transpose(-1, -2), glog)
-            grf = g if grf is None else grf.add_(g)
+            grf[:] = [g.add_(grf[0]) if grf else g]
+
+    if torch.compiler.is_compiling():
+        # one block: a loop over a symbolic n makes dynamo (torch 2.11)
+        # specialise n, and the compiler plans its buffers itself
+        rows_from(0, n, None)
+    else:
+        block = _GRAD_BLOCK_ELEMS if K.device.type == 'cpu' \
+            else _GRAD_BLOCK_ELEMS_GPU
+        rows = max(1, min(n, block // max(1, batch * m)))
+        buf = K.new_empty(batch * rows * m)
+        for i in range(0, n, rows):
+            rows_from(i, rows, buf)
     return (torch.cat(gqf, -2) if need_qf else None,
-            grf.transpose(-1, -2).sum(0, keepdim=True) if need_rf else None)
+            grf[0].transpose(-1, -2).sum(0, keepdim=True) if need_rf
+            else None)
 
 
 class _SeTFunction(torch.autograd.Function):
@@ -865,9 +875,10 @@ def _apply(fn, q: Tensor, refs: Tensor, v: Tensor, eps: float,
     """SeT by the implementation ``fn`` (the reference's autograd function
     or a :class:`FusedImplementation`), given the inputs in the compute
     dtype."""
-    # (identity, not isinstance: dynamo cannot type an autograd.Function
-    # class in isinstance on every torch version)
-    if fn is not _SeTFunction:  # fused kernels build qf themselves
+    # (identity first: dynamo 2.11 cannot take an autograd.Function class
+    # to isinstance)
+    if fn is not _SeTFunction and isinstance(fn, FusedImplementation):
+        # (they build qf themselves)
         tok_f, rf = _ref_features(refs, pos, sigma, q.dtype, q.device)
         if tok_f is None:
             tok_f = q.new_empty(q.shape[2], 0)
