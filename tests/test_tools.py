@@ -204,7 +204,8 @@ def test_benchmark_rounds_fit_a_time_budget():
 
 def test_benchmark_forces_each_set_variant():
     """The backbone part's SeTformer-T variants run the reference and, on
-    CUDA, the Triton kernels (fp32, 3xTF32), inside their forward only."""
+    CUDA, the Triton kernels (fp32, 3xTF32, streamed), inside their forward
+    only."""
     sys.path.insert(0, osp.join(ROOT, 'tools'))
     import benchmark
 
@@ -212,7 +213,8 @@ def test_benchmark_forces_each_set_variant():
     assert {k for k in benchmark.backbones(False, cuda=True)
             if k.startswith('SeTformer-T (')} == {
         'SeTformer-T (reference SeT)', 'SeTformer-T (Triton SeT)',
-        'SeTformer-T (Triton SeT, 3xTF32)'}
+        'SeTformer-T (Triton SeT, 3xTF32)',
+        'SeTformer-T (Triton SeT, streamed)'}
     assert [k for k in benchmark.backbones(False)
             if k.startswith('SeTformer-T (')] == [
         'SeTformer-T (reference SeT)']
@@ -221,15 +223,21 @@ def test_benchmark_forces_each_set_variant():
     class Probe(torch.nn.Module):
         def forward(self, x):
             seen.append((get_backend(),
-                         os.environ.get('MMSETFORMER_SET_PRECISION')))
+                         os.environ.get('MMSETFORMER_SET_PRECISION'),
+                         fused_triton.STREAM_BYTES))
             return x
 
-    before = get_backend(), os.environ.get('MMSETFORMER_SET_PRECISION')
+    from mmsetformer.ops import fused_triton
+    before = (get_backend(), os.environ.get('MMSETFORMER_SET_PRECISION'),
+              fused_triton.STREAM_BYTES)
     benchmark._SeTBackend(Probe(), 'triton', 'tf32x3')(torch.zeros(1))
     benchmark._SeTBackend(Probe(), 'reference')(torch.zeros(1))
-    assert seen == [('triton', 'tf32x3'), ('reference', before[1])]
-    assert (get_backend(),
-            os.environ.get('MMSETFORMER_SET_PRECISION')) == before
+    benchmark._SeTBackend(Probe(), 'triton', None, True)(torch.zeros(1))
+    assert seen == [('triton', 'tf32x3', before[2]),
+                    ('reference', before[1], before[2]),
+                    ('triton', before[1], 0)]
+    assert (get_backend(), os.environ.get('MMSETFORMER_SET_PRECISION'),
+            fused_triton.STREAM_BYTES) == before
 
 
 def test_benchmark_reports_what_a_gpu_run_measures():
