@@ -1086,11 +1086,9 @@ def main():
         except Exception:  # the other parts still run (a short GPU lease)
             traceback.print_exc()
             failed.append(part)
-            continue
-        # the report so far after every part: a run stopped early (a GPU
-        # lease's time limit) keeps the parts it finished
-        write_report(report, args.out, name, t0)
-    md = write_report(report, args.out, name, t0)
+        # the report so far after every part (a failed one's rows too): a
+        # run stopped early (a GPU lease's time limit) keeps what it did
+        md = write_report(report, args.out, name, t0)
     if 'operator' in report:
         plot(report, osp.join(args.out, f'{name}_scaling.png'))
     print('\n' + md)

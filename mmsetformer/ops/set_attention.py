@@ -466,7 +466,10 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
             gqf.append(torch.matmul(glog, rf))
         if need_rf:
             g = torch.matmul(qf[..., i:i + rows, :].transpose(-1, -2), glog)
-            grf[:] = [g.add_(grf[0]) if grf else g]
+            if grf:
+                grf[0].add_(g)
+            else:
+                grf.append(g)
 
     if torch.compiler.is_compiling():
         # one block: a loop over a symbolic n makes dynamo (torch 2.11)
