@@ -85,8 +85,7 @@ case "${1:-all}" in
     ls "$W"; du -sh "$W" ;;
   session)
     # $OUT returns 8 files at most: one log, two benchmark reports (md +
-    # json each), and up to three parts of the built mmcv wheel (or, where
-    # install.sh failed, its whole log).
+    # json each), and up to three parts of the built mmcv wheel.
     T0=$(date +%s)
     LOGS="$(mktemp -d)"
     at() {
@@ -100,14 +99,14 @@ case "${1:-all}" in
       "$@" >> "$OUT/session.log" 2>&1
       at "$name: rc $?"
     }
-    # bench NAME ARGS...: tools/benchmark.py --device cuda, report to $OUT
+    # bench NAME ARGS...: tools/benchmark.py --device cuda, its report
+    # (rewritten after every part) straight into $OUT/NAME, so a run cut
+    # off at the time limit still returns it; not its plot (the file count)
     bench() {
       local name="$1"; shift
       step "bench_$name" "$PY" tools/benchmark.py --device cuda \
-        --out "$LOGS/$name" "$@"
-      for f in "$LOGS/$name"/benchmark_cuda.{md,json}; do
-        [[ -f "$f" ]] && cp "$f" "$OUT/$(basename "${f%.*}")_$name.${f##*.}"
-      done
+        --out "$OUT/$name" "$@"
+      rm -f "$OUT/$name"/*.png
     }
     if [[ -d .whl ]]; then
       export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl"
@@ -133,8 +132,8 @@ case "${1:-all}" in
       done
       at "install.sh: the OpenMMLab stack is in"
       local whl
-      whl="$(find "$("$PY" -m pip cache dir)" -name 'mmcv-2.1.0-*.whl' |
-             head -1)"
+      whl="$(find "$("$PY" -m pip cache dir)" -name 'mmcv-2.1.0-*.whl' \
+             2>/dev/null | head -1)"
       if [[ -n "$whl" ]]; then
         at "built $(basename "$whl"): $(du -m "$whl" | cut -f1) MB"
         if (( $(stat -c %s "$whl") <= 45 * 2**20 )); then
@@ -173,9 +172,13 @@ case "${1:-all}" in
       models
     fi
     wait "$BUILD"; rc=$?
-    tail -n 30 "$LOGS/install.log" >> "$OUT/session.log"
+    # its whole log where it failed, else the end
+    if (( rc )); then
+      cat "$LOGS/install.log"
+    else
+      tail -n 30 "$LOGS/install.log"
+    fi >> "$OUT/session.log"
     at "install.sh: rc $rc"
-    (( rc )) && cp "$LOGS/install.log" "$OUT/install.log"  # the whole story
     bench models --only model
     at done ;;
   *) echo "usage: $0 install|ops|tests|bench|all|session|wheels" >&2; exit 2 ;;
