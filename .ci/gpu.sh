@@ -14,17 +14,18 @@
 # of mmcv's CUDA ops takes ~5 of them (4 min 42 s on an H200, 12 jobs).
 # So: here, `bash .ci/gpu.sh wheels` (the stack's wheels and mmcv's sdist,
 # ~15 MB, into the git-ignored .whl/), then one device run, carrying .whl,
-# of `bash .ci/gpu.sh session`: the operator's CUDA tests, then the
-# operator and backbone benchmark (Swin from timm; SeTformer-T as auto
-# measures it, and with the reference and the Triton kernels in fp32,
-# 3xTF32 and streamed) while mmcv builds in the background, then the model
-# tests (AMP, NCCL) once the stack is in, and the whole-model benchmark.
+# of `bash .ci/gpu.sh session`: while mmcv builds in the background, the
+# operator and 224^2 backbone benchmark (Swin from timm; SeTformer-T as
+# auto runs it, and with the reference and the Triton kernels in fp32,
+# 3xTF32 and streamed; each one's GPU time kernel by kernel), then the
+# operator's CUDA tests; the model tests (AMP, NCCL) once the stack is in,
+# and the whole-model benchmark once install.sh is done.
 # Every step prints into $OUT/session.log as it runs and the reports land
 # in $OUT after every part, so a run stopped at its time limit still
 # returns what it did; the built mmcv wheel comes back in <= 15 MiB parts
 # (`cat mmcv-*.part* > .whl/<name>`: with it in .whl a later lease has the
-# stack in within a minute and runs the model tests before the benchmark;
-# OPS_TESTS=0 leaves the operator's tests out of a rerun).
+# stack in within a minute; OPS_TESTS=0 leaves the operator's tests out of
+# a rerun, EARLY_S bounds the first benchmark).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
@@ -116,8 +117,20 @@ case "${1:-all}" in
     step light "$PY" -m pip install -q --no-deps mmengine==0.10.7 addict \
       yapf termcolor platformdirs
     at "background: tools/install.sh (mmcv 2.1.0's CUDA ops from source)"
-    MMSETFORMER_TORCH=existing PYTHON="$PY" MAX_JOBS="${MAX_JOBS:-12}" \
-      bash tools/install.sh > "$LOGS/install.log" 2>&1 < /dev/null &
+    # its end goes into the log as soon as it comes (its whole log where it
+    # failed), whatever the foreground is doing then
+    (
+      MMSETFORMER_TORCH=existing PYTHON="$PY" MAX_JOBS="${MAX_JOBS:-12}" \
+        bash tools/install.sh > "$LOGS/install.log" 2>&1 < /dev/null
+      rc=$?
+      if (( rc )); then
+        cat "$LOGS/install.log"
+      else
+        tail -n 30 "$LOGS/install.log"
+      fi >> "$OUT/session.log"
+      at "install.sh: rc $rc"
+      exit $rc
+    ) &
     BUILD=$!
     # the source tree for the foreground (install.sh installs it, with the
     # SeT CPU kernel, at its end)
@@ -141,44 +154,24 @@ case "${1:-all}" in
         fi
       fi
     }
-    models() {
-      step tests_models "$PY" -m pytest -q -rs --durations=8 \
-        "${CUDA_TESTS[@]}" -k "not ($OPS)"
-    }
-    # OPS_TESTS=0: not the operator's tests (a rerun in the same lease)
+    # the GPU work that needs no mmcv ops while mmcv builds on the CPUs
+    # (12 jobs of 16 cores): the operator and the 224^2 backbones (Swin
+    # from timm; SeTformer-T as auto runs it, with the reference and the
+    # Triton kernels forced, and where each spends its GPU time), at most
+    # EARLY_S seconds (its report keeps what it measured), then the
+    # operator's CUDA tests (OPS_TESTS=0: not them, a rerun in one lease)
+    step bench_early timeout "${EARLY_S:-300}" "$PY" tools/benchmark.py \
+      --device cuda --out "$OUT/early" --only operator backbone \
+      --swin timm --models SeTformer-T --settings 224x224
+    rm -f "$OUT/early"/*.png
     if [[ "${OPS_TESTS:-1}" != 0 ]]; then
       step tests_ops "$PY" -m pytest -q -rs --durations=8 \
         "${CUDA_TESTS[@]}" -k "$OPS"
     fi
-    if ls .whl/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
-      # mmcv's wheel from an earlier lease: the stack is in within a
-      # minute; the model tests, then the benchmark
-      stack_in
-      models
-      bench early --only operator backbone --models SeTformer-T
-    else
-      # the operator and backbone benchmark on the GPU while mmcv builds
-      # on the CPUs; it yields to the model tests once the stack is in
-      # (its report keeps the parts it finished)
-      bench early --only operator backbone --swin timm \
-        --models SeTformer-T &
-      EARLY=$!
-      stack_in
-      if kill -0 "$EARLY" 2>/dev/null; then
-        at "bench_early: stopped for the model tests"
-        pkill -f 'tools/benchmark.py'
-      fi
-      wait "$EARLY"
-      models
-    fi
-    wait "$BUILD"; rc=$?
-    # its whole log where it failed, else the end
-    if (( rc )); then
-      cat "$LOGS/install.log"
-    else
-      tail -n 30 "$LOGS/install.log"
-    fi >> "$OUT/session.log"
-    at "install.sh: rc $rc"
+    stack_in
+    step tests_models "$PY" -m pytest -q -rs --durations=8 \
+      "${CUDA_TESTS[@]}" -k "not ($OPS)"
+    wait "$BUILD"
     bench models --only model
     at done ;;
   *) echo "usage: $0 install|ops|tests|bench|all|session|wheels" >&2; exit 2 ;;

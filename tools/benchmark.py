@@ -266,6 +266,10 @@ def bench_operator(args, device, report):
                 print(f'  operator n={n:6d} {mode:17s} {name:26s} '
                       f'{times[name] * 1e3:9.2f} ms {mem / 2**20:9.1f} MiB',
                       flush=True)
+            report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
+                                      sigma=sigma, num_iters=T, rows=rows,
+                                      accuracy=accuracy)
+            checkpoint()
     report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
                               sigma=sigma, num_iters=T, rows=rows,
                               accuracy=accuracy)
@@ -291,6 +295,11 @@ def bench_operator(args, device, report):
                                   device)])
 
 
+def checkpoint():
+    """Rewrite the report so far (set by :func:`main`): a run stopped
+    inside a part (a GPU lease's time limit) keeps the rows it measured."""
+
+
 def _forced(fn: Callable, backend: str, precision: str = None) -> Callable:
     """``fn`` with SeT forced to ``backend`` (and, for the Triton kernels,
     ``tl.dot``'s input precision) while it runs."""
@@ -303,16 +312,20 @@ def _forced(fn: Callable, backend: str, precision: str = None) -> Callable:
     return call
 
 
-def kernel_times(call: Callable, device, top: int = 10) -> list:
+def kernel_times(call: Callable, device, top: int = 10,
+                 ops: bool = False) -> list:
     """The kernels (CUDA) or operators (CPU) one ``call`` runs, by their
     own time, from torch's profiler after a warm-up call: the ``top`` ones
-    and the rest as one row, each with its calls, ms and share."""
+    and the rest as one row, each with its calls, ms and share.  ``ops``
+    (CUDA): the operators instead, each with its kernels' time."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     call()
     _sync(device)
     cuda = device.type == 'cuda'
-    with profile(activities=[ProfilerActivity.CUDA if cuda
-                             else ProfilerActivity.CPU]) as p:
+    with profile(activities=[ProfilerActivity.CUDA] + (
+            [ProfilerActivity.CPU] if ops else []) if cuda
+            else [ProfilerActivity.CPU]) as p:
         call()
         _sync(device)
     # (a custom operator with autograd runs inside an autograd.Function
@@ -322,7 +335,8 @@ def kernel_times(call: Callable, device, top: int = 10) -> list:
                                r'_default$', r'\1::\2', e.key),
                  calls=e.count, ms=(e.self_device_time_total if cuda
                                     else e.self_cpu_time_total) / 1e3)
-            for e in p.key_averages()]
+            for e in p.key_averages() if not ops or
+            e.device_type == DeviceType.CPU]
     rows = sorted((r for r in rows if r['ms'] > 0), key=lambda r: -r['ms'])
     total = sum(r['ms'] for r in rows)
     if len(rows) > top + 1:
@@ -537,6 +551,8 @@ def bench_backbone(args, device, report):
     # (filled as it goes: the report written after a failure keeps them)
     rows = report['backbone'] = []
     report['swin'] = swin
+    settings = [s for s in settings if not args.settings or
+                any(s[0].startswith(a) for a in args.settings)]
     for label, (b, h, w), m, only in settings:
         models = {k: f(m, (h, w)).to(device)
                   for k, f in backbones(args.quick, swin,
@@ -576,14 +592,21 @@ def bench_backbone(args, device, report):
                 if cuda:
                     # the GPU's kernels' time over the step's: well below
                     # 1, the step waits for the CPU to issue its launches
-                    rows[-1]['busy'] = sum(r['ms'] for r in kernel_times(
-                        fn, device)) / 1e3 / times[k]
+                    kern = rows[-1]['kernels'] = kernel_times(fn, device, 30)
+                    try:  # (a profiler quirk must not cost the figures)
+                        rows[-1]['ops'] = kernel_times(fn, device, 30,
+                                                       ops=True)
+                    except Exception as e:
+                        print(f'  (no operator profile: {e!r})', flush=True)
+                    rows[-1]['busy'] = sum(r['ms'] for r in kern) / 1e3 / \
+                        times[k]
                 print(f'  backbone {label:18s} {mode:21s} {k:27s} '
                       f'{times[k]:7.3f} s {b / times[k]:8.1f} img/s '
                       f'{mem / 2**20:8.0f} MiB '
                       f'{cplx[k]["flops"] / 1e9:7.1f} GFLOPs' + (
                           f' GPU busy {rows[-1]["busy"]:.0%}' if cuda
                           else ''), flush=True)
+            checkpoint()
         del models
         gc.collect()
 
@@ -840,6 +863,8 @@ def to_markdown(report) -> str:
                     '| --- | --- | --- |']
             for name in [k for k in names if k.startswith('SeT')]:
                 for mode in ('forward', 'forward+backward'):
+                    if (ns[-1], mode) not in by:  # (a run still going)
+                        continue
                     a, b = by[(ns[0], mode)][name], by[(ns[-1], mode)][name]
                     f = ns[-1] / ns[0]
                     out.append(f'| {name}, {mode} | '
@@ -902,6 +927,7 @@ def to_markdown(report) -> str:
                 f' | {r["params"] / 1e6:.1f} | {r["flops"] / 1e9:.1f} |' + (
                     f' {r["busy"]:.0%} |' if busy else ''))
         out.append('')
+        out += _kernel_shares(report['backbone'])
     if 'set_choices' in report:
         out += ["**What `auto` measured** (on CUDA, the first call of each "
                 'size class runs the reference and the Triton kernels and '
@@ -965,6 +991,35 @@ def to_markdown(report) -> str:
                            f'{r["out_dev"]:.4f} |')
             out.append('')
     return '\n'.join(out)
+
+
+def _kernel_shares(rows, top: int = 8) -> list:
+    """Markdown: where the first setting's fp32 steps of SeTformer-T
+    (auto and Triton) and Swin-T spend their GPU time, operator by
+    operator (the report's json has the kernels too)."""
+    rows = [r for r in rows if r.get('ops') and
+            r['setting'] == rows[0]['setting'] and 'AMP' not in r['mode'] and
+            r['model'] in ('SeTformer-T', 'SeTformer-T (Triton SeT)',
+                           'Swin-T')]
+    if not rows:
+        return []
+    out = [f'Where the GPU time goes ({rows[0]["setting"]}; torch.profiler: '
+           'the time of the CUDA kernels each operator launched itself, in '
+           f'one call; the top {top} and the rest):', '',
+           '| mode | model | operator | calls | ms | share |',
+           '| --- | --- | --- | --- | --- | --- |']
+    for r in rows:
+        ops = r['ops']
+        if len(ops) > top + 1:
+            rest = ops[top:]
+            ops = ops[:top] + [dict(
+                kernel='(the rest)', calls=sum(k['calls'] for k in rest),
+                ms=sum(k['ms'] for k in rest),
+                share=sum(k['share'] for k in rest))]
+        out += [f'| {r["mode"]} | {r["model"]} | `{k["kernel"][:60]}` | '
+                f'{k["calls"]} | {k["ms"]:,.2f} | {k["share"]:.0%} |'
+                for k in ops]
+    return out + ['']
 
 
 def plot(report, path):
@@ -1053,6 +1108,9 @@ def main():
     p.add_argument('--models', nargs='+', metavar='NAME',
                    help='backbones to run, with their forced-SeT variants '
                    '(Swin-T, the reference, always runs), e.g. SeTformer-T')
+    p.add_argument('--settings', nargs='+', metavar='LABEL',
+                   help='backbone settings to run, by the start of their '
+                   'label, e.g. 224x224 (default: all)')
     p.add_argument('--swin', choices=['auto', 'mmdet', 'timm'],
                    default='auto', help='the Swin baselines: mmdet\'s '
                    'backbone (auto: where mmdet imports) or timm\'s')
@@ -1077,6 +1135,11 @@ def main():
     name = 'benchmark' if device.type == 'cpu' else f'benchmark_{device.type}'
     if parts == ['compile']:  # (beside the full report, not over it)
         name += '_compile'
+
+    global checkpoint
+
+    def checkpoint():
+        write_report(report, args.out, name, t0)
 
     failed = []
     for part in parts:
