@@ -496,6 +496,15 @@ def backbones(quick, swin='mmdet', cuda=False):
     }
 
 
+def _wanted(name: str, models) -> bool:
+    """Whether ``--models`` asks for backbone ``name``: Swin-T always; a
+    model by its name (with its variants unless some are named alone)."""
+    base = name.split(' (')[0]
+    alone = [a for a in models or () if a.startswith(base + ' (')]
+    return not models or name in models or base == 'Swin-T' or (
+        base in models and not alone)
+
+
 def _inference(mod, x, amp=None, run=None) -> Callable:
     """One batch through ``run`` (default: the module ``mod`` itself, or
     e.g. its compiled wrapper) in eval mode, without autograd; ``amp``:
@@ -558,8 +567,7 @@ def bench_backbone(args, device, report):
                   for k, f in backbones(args.quick, swin,
                                         device.type == 'cuda').items()
                   if (only is None or k in only) and
-                  (not args.models or k.split(' (')[0] in args.models +
-                   ['Swin-T'])}
+                  _wanted(k, args.models)}
         x = torch.randn(b, 3, h, w, device=device)
         cplx = {k: complexity(mod, (x[:1], )) for k, mod in models.items()}
 
@@ -848,11 +856,14 @@ def to_markdown(report) -> str:
             by.setdefault((r['n'], r['mode']), {})[r['op']] = r
         for (n, mode), d in by.items():
             s = d['SeT']
+            # (a cell not measured at this n: a dash)
+            na = dict(time=math.nan, peak_mem=math.nan)
+            c = {k: d.get(k, na) for k in names}
             out.append(
                 f'| {n} | {mode} | ' +
-                ' | '.join(f'{d[k]["time"] * 1e3:,.2f}' for k in names) +
-                ' | ' + ' | '.join(_mib(d[k]['peak_mem']) for k in names) +
-                ' | ' + ' | '.join(f'{d[k]["time"] / s["time"]:.1f}×'
+                ' | '.join(f'{c[k]["time"] * 1e3:,.2f}' for k in names) +
+                ' | ' + ' | '.join(_mib(c[k]['peak_mem']) for k in names) +
+                ' | ' + ' | '.join(f'{c[k]["time"] / s["time"]:.1f}×'
                                    for k in others) + ' |')
         ns = sorted({n for n, _ in by})
         if len(ns) >= 2:
@@ -865,7 +876,9 @@ def to_markdown(report) -> str:
                 for mode in ('forward', 'forward+backward'):
                     if (ns[-1], mode) not in by:  # (a run still going)
                         continue
-                    a, b = by[(ns[0], mode)][name], by[(ns[-1], mode)][name]
+                    a, b = (by[(n, mode)].get(name) for n in (ns[0], ns[-1]))
+                    if a is None or b is None:
+                        continue
                     f = ns[-1] / ns[0]
                     out.append(f'| {name}, {mode} | '
                                f'{b["time"] / a["time"] / f:.2f} | '
@@ -1107,7 +1120,9 @@ def main():
         '(skipped when missing; `make demo` writes the default)')
     p.add_argument('--models', nargs='+', metavar='NAME',
                    help='backbones to run, with their forced-SeT variants '
-                   '(Swin-T, the reference, always runs), e.g. SeTformer-T')
+                   '(Swin-T, the reference, always runs), e.g. SeTformer-T;'
+                   ' a variant by its full name runs its model with it '
+                   'alone')
     p.add_argument('--settings', nargs='+', metavar='LABEL',
                    help='backbone settings to run, by the start of their '
                    'label, e.g. 224x224 (default: all)')
@@ -1139,7 +1154,10 @@ def main():
     global checkpoint
 
     def checkpoint():
-        write_report(report, args.out, name, t0)
+        try:  # (a report that fails to render must not stop the run)
+            write_report(report, args.out, name, t0)
+        except Exception:
+            traceback.print_exc()
 
     failed = []
     for part in parts:
