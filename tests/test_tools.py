@@ -266,6 +266,45 @@ def test_benchmark_reports_what_a_gpu_run_measures():
         in benchmark.to_markdown(report)
 
 
+def test_benchmark_reports_partial_runs():
+    """A GPU lease's report: a variant not run at the largest n and a mode
+    not reached yet render as dashes and are left out of the scaling
+    table (a KeyError here cost a lease its backbone part); the backbones'
+    operator profiles render as a top-N table; ``--models`` picks single
+    variants."""
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark
+    rows = [dict(n=n, op=op, mode=mode, time=1e-3 * n, peak_mem=n * 2**10)
+            for n in (1024, 4096) for mode in ('forward', 'forward+backward')
+            for op in ('SeT', 'SeT (triton, tf32)', 'softmax (SDPA)')
+            if not (n == 4096 and (op == 'SeT (triton, tf32)' or
+                                   mode == 'forward+backward'))]
+    ops = [dict(kernel=f'aten::op{i}', calls=1, ms=10. - i, share=.1)
+           for i in range(10)]
+    report = dict(machine='x', date='d', quick=False, operator=dict(
+        m=64, heads=2, head_dim=32, eps=0.3, sigma=0.8, num_iters=3,
+        rows=rows), backbone=[dict(
+            setting='224x224, batch 64', mode='inference', model=k, batch=64,
+            time=0.1, peak_mem=2**20, params=1e6, flops=1e9, busy=0.9,
+            ops=ops) for k in ('SeTformer-T', 'Swin-T')])
+    lines = benchmark.to_markdown(report).splitlines()
+    big = [ln for ln in lines if ln.startswith('| 4096 |')]
+    assert len(big) == 1 and big[0].split(' | ')[3] == '—', big
+    assert big[0].split(' | ')[6] == '—' and '| — |' in big[0]
+    assert any(ln.startswith('| SeT, forward |') for ln in lines)
+    assert not any('forward+backward |' in ln and ln.startswith('| SeT')
+                   for ln in lines)
+    prof = [ln for ln in lines if ln.startswith('| inference | Swin-T |')]
+    assert len(prof) == 9 and '(the rest)' in prof[-1] and \
+        '| 2 | 3.00 |' in prof[-1]
+    names = list(benchmark.backbones(False, 'timm', True))
+    assert [k for k in names if benchmark._wanted(
+        k, ['SeTformer-T', 'SeTformer-T (Triton SeT)'])] == [
+            'SeTformer-T', 'SeTformer-T (Triton SeT)', 'Swin-T']
+    assert len([k for k in names if benchmark._wanted(
+        k, ['SeTformer-T'])]) == 6
+
+
 def test_benchmark_quick_smoke(tmp_path):
     out = str(tmp_path / 'bench')
     run([PY, 'tools/benchmark.py', '--quick', '--out', out,

@@ -834,6 +834,11 @@ def _mib(b):
     return f'{b / 2**20:,.1f}'
 
 
+def _dashes(row: str) -> str:
+    """A markdown row with its cells not measured (nan) as dashes."""
+    return re.sub(r'(?<=\| )nan×?(?= \|)', '—', row)
+
+
 def to_markdown(report) -> str:
     out = [f'Machine: {report["machine"]}; {report["date"]}; '
            f'{report.get("allocator", "system allocator")}; '
@@ -859,12 +864,12 @@ def to_markdown(report) -> str:
             # (a cell not measured at this n: a dash)
             na = dict(time=math.nan, peak_mem=math.nan)
             c = {k: d.get(k, na) for k in names}
-            out.append(
+            out.append(_dashes(
                 f'| {n} | {mode} | ' +
                 ' | '.join(f'{c[k]["time"] * 1e3:,.2f}' for k in names) +
                 ' | ' + ' | '.join(_mib(c[k]['peak_mem']) for k in names) +
                 ' | ' + ' | '.join(f'{c[k]["time"] / s["time"]:.1f}×'
-                                   for k in others) + ' |')
+                                   for k in others) + ' |'))
         ns = sorted({n for n, _ in by})
         if len(ns) >= 2:
             out += ['', 'SeT scaling from the smallest to the largest n '
