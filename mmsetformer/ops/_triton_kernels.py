@@ -130,7 +130,9 @@ def _row_pass(X, Y, TP, RP, Mx, Kp, Vec, Mat, OutVec, OutMat, n, m, d, c,
     if not KEPT:
         x = _load(X, s, rows, n, d, BD)
         mx = tl.load(Mx + s * n + rows, mask=rows < n, other=0.)
-    acc_v = tl.zeros([BN], OutVec.dtype.element_ty)
+    # the tiles' products, summed over their columns once after the loop
+    # (as _col_pass sums over rows): a sum per tile crosses lanes
+    acc_v = tl.zeros([BN, BM], OutVec.dtype.element_ty)
     acc_m = tl.zeros([BN, BC], OutVec.dtype.element_ty)
     for j0 in range(0, m, BM):
         cols = j0 + tl.arange(0, BM)
@@ -149,8 +151,8 @@ def _row_pass(X, Y, TP, RP, Mx, Kp, Vec, Mat, OutVec, OutMat, n, m, d, c,
                 # dot and the element-wise product takes a layout that
                 # fills the registers (255 and spills on sm_90, 76 so)
                 K = _tile(Kp, s, rows, cols, n, m)
-        acc_v += tl.sum(K * vec[None, :], axis=1)
-    tl.store(OutVec + s * n + rows, acc_v, mask=rows < n)
+        acc_v += K * vec[None, :]
+    tl.store(OutVec + s * n + rows, tl.sum(acc_v, axis=1), mask=rows < n)
     if HAS_MAT:
         cc = tl.arange(0, BC)
         tl.store(OutMat + (s * n + rows[:, None]) * c + cc[None, :],
