@@ -5,6 +5,7 @@
 #   bash .ci/gpu.sh tests     # every CUDA test: operator, models, NCCL
 #   bash .ci/gpu.sh bench     # tools/benchmark.py --device cuda
 #   bash .ci/gpu.sh session   # all of it within one lease (below)
+#   bash .ci/gpu.sh speed     # SeT's speed only, ~4 min, no install
 #   bash .ci/gpu.sh wheels    # (run where pip reaches PyPI) fill .whl/
 # OUT=dir collects logs and results (default ./gpu_out).  Offline machines:
 # PIP_NO_INDEX=1 PIP_FIND_LINKS=/dir/of/wheels (mmcv's sdist among them).
@@ -56,6 +57,24 @@ case "${1:-all}" in
       2>&1 | tee "$OUT/bench.log" ;;
   all)
     bash "$0" install && bash "$0" tests && bash "$0" bench ;;
+  speed)
+    # SeT's speed on a GPU within ~4 minutes of a lease, no install (the
+    # carried mmengine; timm's Swin-T): SeTformer-T at 224^2 x 64 as auto
+    # runs it, with the reference and the Triton kernels forced (each
+    # step's GPU time per operator and kernel), then the Triton kernels in
+    # 32 x 32 tiles (half the registers of _build's 64 x 64)
+    [[ -d .whl ]] && export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl"
+    "$PY" -m pip install -q --no-deps mmengine==0.10.7 addict yapf \
+      termcolor platformdirs
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    sp() {
+      "$PY" tools/benchmark.py --device cuda --only backbone --swin timm \
+        --settings 224x224 "$@" 2>&1 | tee -a "$OUT/speed.log"
+    }
+    sp --out "$OUT/speed" --models SeTformer-T \
+      'SeTformer-T (reference SeT)' 'SeTformer-T (Triton SeT)'
+    MMSETFORMER_TRITON_BLOCK_N=32 MMSETFORMER_TRITON_BLOCK_M=32 \
+      sp --out "$OUT/speed_tiles32" --models 'SeTformer-T (Triton SeT)' ;;
   wheels)
     # What the GPU machine lacks, for its Python (3.12) and platform.  The
     # project's environment (setuptools < 80, torch) reads mmcv's setup.py.
@@ -174,5 +193,6 @@ case "${1:-all}" in
     wait "$BUILD"
     bench models --only model
     at done ;;
-  *) echo "usage: $0 install|ops|tests|bench|all|session|wheels" >&2; exit 2 ;;
+  *) echo "usage: $0 install|ops|tests|bench|all|session|speed|wheels" >&2
+     exit 2 ;;
 esac
