@@ -1004,17 +1004,25 @@ def test_triton_keeps_the_kernel_up_to_its_stream_size(monkeypatch):
             runs[limit] = _grads(set_attention(q, v, r, **kw), (q, v, r))
         builds = [meta['STORE'] for name, meta in launches
                   if name == '_build']
-        passes = {meta.get('KEPT', False) for name, meta in launches
-                  if name != '_build'}
+        # (the fused Sinkhorn step reads a kept kernel only)
+        passes = {meta.get('KEPT', name == '_step_pass')
+                  for name, meta in launches if name != '_build'}
+        steps = [name for name, _ in launches if name == '_step_pass']
         if limit == size:
             # forward: maxima and kernel; backward: the kernel again. One
-            # launch per pass over K: the build, T + 1 row and T column
-            # scalings and the two aggregations forward (2T + 4); backward
-            # the build, their 2T + 2 transposes and dL/dlogK
+            # launch per pass over K: forward the build, T steps (row and
+            # column scaling in one pass), the last row scaling and the
+            # two aggregations (T + 4); backward the build, the
+            # aggregations' two transposes, the last scaling's, T - 1
+            # reversed steps, the first step's row half and dL/dlogK
+            # (T + 5)
+            T = kw['num_iters']
             assert builds == [True, True] and passes == {True}, launches
-            assert len(launches) == 2 * (2 * 2 + 4), launches
+            assert len(steps) == 2 * T - 1, launches
+            assert len(launches) == 2 * T + 9, launches
         else:
             assert builds == [False] and passes == {False}, launches
+            assert not steps, launches
     for a, b in zip(*runs.values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -1082,13 +1090,14 @@ def test_triton_kernels_fit_gpus(d):
     rows = report.compile_forward_backward(d, (80, 86, 90),
                                            ('ieee', 'tf32x3'))
     for cc in (80, 86, 90):
-        for prec in ('ieee', 'tf32x3'):
+        for prec in ('ieee', 'tf32x3'):  # (the fused step has no dot)
             assert {r['kernel'] for r in rows if r['cc'] == cc and
-                    r['meta']['PREC'] == prec} == {
-                '_build', '_row_pass', '_col_pass', '_grad_rows',
-                '_grad_cols'}, (cc, prec)
+                    r['meta'].get('PREC', prec) == prec} == {
+                '_build', '_row_pass', '_col_pass', '_step_pass',
+                '_grad_rows', '_grad_cols'}, (cc, prec)
     for r in rows:
-        assert r['meta']['KP'] == (4 if d == 32 else 0), r
+        assert r['meta'].get('KP', 4 if d == 32 else 0) == (
+            4 if d == 32 else 0), r
         assert r['shared'] <= report.SHARED_LIMIT[r['cc']], r
         assert r['loops'] > 0 and r['fma'] + r['mma'] > 0, r
         assert r['loop_local_ops'] == 0, r
@@ -1103,10 +1112,12 @@ def test_triton_float64_kernels_compile_for_gpus():
     report = _triton_report()
     rows = report.compile_forward_backward(28, (80, 90), ('fp64', ))
     assert {r['kernel'] for r in rows} == {
-        '_build', '_row_pass', '_col_pass', '_grad_rows', '_grad_cols'}
+        '_build', '_row_pass', '_col_pass', '_step_pass', '_grad_rows',
+        '_grad_cols'}
     for r in rows:
         # (a kept kernel's passes with a vector alone have no dot)
-        dot = r['meta'].get('HAS_MAT', True) or not r['meta'].get('KEPT')
+        dot = r['kernel'] != '_step_pass' and (
+            r['meta'].get('HAS_MAT', True) or not r['meta'].get('KEPT'))
         assert r['ptr'] == 'fp64' and (r['mma'] > 0) == dot, r
         assert r['shared'] <= report.SHARED_LIMIT[r['cc']], r
 

@@ -160,6 +160,47 @@ def _row_pass(X, Y, TP, RP, Mx, Kp, Vec, Mat, OutVec, OutMat, n, m, d, c,
 
 
 @triton.jit
+def _step_pass(Kp, Vec, Consts, A, U, OutRow, OutA, OutCol, n, m,
+               BN: tl.constexpr, BM: tl.constexpr, GRAD: tl.constexpr):
+    """One Sinkhorn step over the kept K, read once per row block (the
+    row pass and the column pass that follows it, fused): r = K Vec on
+    the program's rows, then its guarded division (``set_attention.
+    _safe_div`` / ``_safe_div_grad``), then that vector's products with
+    the same rows of K, the block's partial K^T sums into OutCol (Z row
+    blocks, S, m), which the caller sums (no atomics).  Consts: (tiny,
+    1 / n) in the kernel's dtype.
+      forward: u = r, a = 1/(n u) (0 where u <= tiny) into OutRow, OutA;
+      GRAD (of a step: A = a_t, U = u_t): gu = -r a_t / u_t (0 there)
+      into OutRow."""
+    s = tl.program_id(1).to(tl.int64)  # 64-bit offsets
+    z = tl.program_id(0).to(tl.int64)
+    rows = z * BN + tl.arange(0, BN)
+    live = rows < n
+    acc = tl.zeros([BN, BM], OutRow.dtype.element_ty)
+    for j0 in range(0, m, BM):
+        cols = j0 + tl.arange(0, BM)
+        vec = tl.load(Vec + s * m + cols, mask=cols < m, other=0.)
+        acc += _tile(Kp, s, rows, cols, n, m) * vec[None, :]
+    r = tl.sum(acc, axis=1)
+    tiny = tl.load(Consts)
+    if GRAD:
+        a_t = tl.load(A + s * n + rows, mask=live, other=0.)
+        u_t = tl.load(U + s * n + rows, mask=live, other=1.)
+        ok = u_t > tiny
+        w = tl.where(ok, -r * a_t / tl.where(ok, u_t, 1.), 0.)
+    else:
+        w = tl.load(Consts + 1) / tl.where(r > tiny, r, float('inf'))
+        tl.store(OutA + s * n + rows, w, mask=live)
+    tl.store(OutRow + s * n + rows, w if GRAD else r, mask=live)
+    # the same tiles again (this program read them last: from the cache)
+    for j0 in range(0, m, BM):
+        cols = j0 + tl.arange(0, BM)
+        K = _tile(Kp, s, rows, cols, n, m)
+        tl.store(OutCol + (z * tl.num_programs(1) + s) * m + cols,
+                 tl.sum(K * w[:, None], axis=0), mask=cols < m)
+
+
+@triton.jit
 def _col_pass(X, Y, TP, RP, Mx, Kp, Vec, Mat, OutVec, OutMat, n, m, d, c,
               heads, chunk, KP: tl.constexpr, BN: tl.constexpr,
               BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,

@@ -20,6 +20,9 @@ drops it, as flash attention does with its logits:
   ``u = K b``, the redistribution ``K [b^ z]``, and their gradients);
 - ``_col_pass``: ``K^T @ vec`` and optionally ``K^T @ mat`` (column sums
   ``s = K^T a``, the aggregation ``K^T [a^ v]``, and their gradients);
+- ``_step_pass`` (kept ``K`` only): a Sinkhorn step ``u = K b``, ``a = 1 /
+  (n u)``, ``s = K^T a`` in one pass, a program's rows then the same tiles
+  again from the cache, and likewise a reversed step of the backward;
 - ``_grad_rows`` / ``_grad_cols``: ``dL/dx = G y`` and ``dL/d[y | rp] = G^T
   [x | tp]`` with ``G = K * (U V^T)`` on the unclamped entries, where ``U
   V^T`` is ``dL/dK`` gathered as in the reference backward (one rank-(d+1)
@@ -92,8 +95,8 @@ def _triton():
     except ImportError as e:
         return str(e)
     return triton, dict(build=k._build, row_pass=k._row_pass,
-                        col_pass=k._col_pass, grad_rows=k._grad_rows,
-                        grad_cols=k._grad_cols)
+                        col_pass=k._col_pass, step_pass=k._step_pass,
+                        grad_rows=k._grad_rows, grad_cols=k._grad_cols)
 
 
 def why_unavailable(x: Tensor) -> str:
@@ -297,6 +300,27 @@ class _Passes:
         """K^T vec (S, m) [and K^T mat (S, m, c)] for vec (S, n), mat."""
         return self._pass(self.k['col_pass'], False, self.m, vec, mat)
 
+    def step(self, vec: Tensor, grad_of: Optional[Tuple[Tensor, Tensor]]
+             = None) -> Tuple[Tensor, ...]:
+        """One Sinkhorn step in one pass over the kept K (``_step_pass``):
+        (u = K vec, a = 1/(n u) guarded, K^T a) for vec = b (S, m); with
+        ``grad_of`` = (a_t, u_t), the reverse step's (gu, K^T gu) for the
+        guarded division's gradient gu of K vec."""
+        n, grad = self.n, grad_of is not None
+        meta = dict(BN=self.BN, BM=self.BM)
+        out_r = vec.new_empty(self.S, n)
+        out_a = out_r if grad else vec.new_empty(self.S, n)
+        out_c = vec.new_empty(_cdiv(n, self.BN), self.S, self.m)
+        # (filled on the device: a copy from the host could synchronise)
+        consts = vec.new_full((2, ), 1.0 / n)
+        consts[0] = torch.finfo(vec.dtype).tiny
+        a_t, u_t = (t.contiguous() for t in grad_of) if grad else (out_r, ) * 2
+        _launch(self.k['step_pass'], self._rows_grid(meta), self.K,
+                vec.contiguous(), consts, a_t, u_t, out_r, out_a, out_c, n,
+                self.m, GRAD=grad, **meta)
+        return (out_r, _parts_sum(out_c)) if grad else \
+            (out_r, out_a, _parts_sum(out_c))
+
     def logit_grads(self, U: Tensor, V: Tensor, need_x: bool,
                     need_y: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """dL/dx (S, n, d) and per slice [dL/dy | dL/drp] (S, m, d + KP) for
@@ -374,9 +398,12 @@ def _forward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor, eps: float,
     b = v3.new_ones(B * h, m)
     steps = []
     for _ in range(num_iters):
-        u = ops.rows(b)
-        a = _safe_div(1.0 / n, u)
-        s = ops.cols(a)
+        if ops.K is not None:  # kept: the step in one pass over K
+            u, a, s = ops.step(b)
+        else:
+            u = ops.rows(b)
+            a = _safe_div(1.0 / n, u)
+            s = ops.cols(a)
         steps += [b, u, a, s]
         b = _safe_div(1.0 / m, s)
     u = ops.rows(b)
@@ -446,11 +473,14 @@ def _backward(q: Tensor, tok: Tensor, rf3: Tensor, v: Tensor,
         gs = _safe_div_grad(gb, b_next, s_t)
         left.append(a_t.unsqueeze(-1))
         right.append(gs.unsqueeze(-1))
-        gu = _safe_div_grad(ops.rows(gs), a_t, u_t)
+        if t > 0 and ops.K is not None:  # kept: one pass over K
+            gu, gb = ops.step(gs, (a_t, u_t))
+        else:
+            gu = _safe_div_grad(ops.rows(gs), a_t, u_t)
+            if t > 0:
+                gb = ops.cols(gu)
         left.append(gu.unsqueeze(-1))
         right.append(b_t.unsqueeze(-1))
-        if t > 0:
-            gb = ops.cols(gu)
     gx, gr = ops.logit_grads(torch.cat(left, -1), torch.cat(right, -1),
                              need_q, need_r)
     return [_unit_grad(q, gx, eps) if need_q else q.new_empty(0),
