@@ -61,8 +61,8 @@ case "${1:-all}" in
     # SeT's speed on a GPU within ~4 minutes of a lease, no install (the
     # carried mmengine; timm's Swin-T): SeTformer-T at 224^2 x 64 as auto
     # runs it, with the reference and the Triton kernels forced (each
-    # step's GPU time per operator and kernel), then the Triton kernels in
-    # 32 x 32 tiles (half the registers of _build's 64 x 64)
+    # step's GPU time per operator and kernel), then every Triton kernel
+    # in 32 x 32 tiles (MMSETFORMER_TRITON_BLOCK_N / _M)
     [[ -d .whl ]] && export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl"
     "$PY" -m pip install -q --no-deps mmengine==0.10.7 addict yapf \
       termcolor platformdirs

@@ -248,9 +248,13 @@ class _Passes:
         self.Mx = x.new_empty(self.S, self.n) if find else Mx
         self.K = x.new_empty(self.S, self.n, self.m) if keep else None
         if find or keep:
-            _launch(self.k['build'], self._rows_grid(self.meta),
+            # in 32-row tiles: its two dots over 64 rows held 255
+            # registers a thread (spilling; one program per multiprocessor
+            # on an H200, where it took 44 of the forward's 109 ms), 32
+            # rows ~105 (tools/triton_report.py)
+            _launch(self.k['build'], self._rows_grid(self.wide),
                     *self.feats, self.Mx, self._kp(), self.n, self.m,
-                    self.d, self.H, FIND_MAX=find, STORE=keep, **self.meta)
+                    self.d, self.H, FIND_MAX=find, STORE=keep, **self.wide)
 
     def _kp(self) -> Tensor:
         """The kept kernel, or a stand-in pointer that nothing reads."""
