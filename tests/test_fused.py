@@ -1095,6 +1095,9 @@ def test_triton_kernels_fit_gpus(d):
                     r['meta'].get('PREC', prec) == prec} == {
                 '_build', '_row_pass', '_col_pass', '_step_pass',
                 '_grad_rows', '_grad_cols'}, (cc, prec)
+    # (the fused reverse step of the backward too)
+    assert {r['meta']['GRAD'] for r in rows
+            if r['kernel'] == '_step_pass'} == {False, True}
     for r in rows:
         assert r['meta'].get('KP', 4 if d == 32 else 0) == (
             4 if d == 32 else 0), r

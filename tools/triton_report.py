@@ -37,7 +37,7 @@ INTS = ('n', 'm', 'd', 'c', 'heads', 'chunk', 'r')  # the kernels' int args
 MODES = ('kept', 'streamed')  # the kernel kept, or rebuilt in every pass
 
 
-def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
+def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=2,
                     lpe: bool = True, precisions=('ieee', ),
                     cc: int = 90, modes=MODES) -> list:
     """[(kernel name, warps, constexprs, pointer type)] of one SeT forward
@@ -47,7 +47,8 @@ def record_launches(d: int = 32, m: int = 66, n_side=(7, 10), num_iters=1,
     capability ``cc`` (tiles may depend on both), run
     under Triton's interpreter (which must be on before triton is imported:
     ``TRITON_INTERPRET=1``); the defaults give full 64-wide tiles and
-    partial ones."""
+    partial ones, and two Sinkhorn steps (a kept kernel's backward fuses
+    a reversed step only from the second on)."""
     import unittest.mock
 
     import torch
