@@ -5,7 +5,7 @@
 #   bash .ci/gpu.sh tests     # every CUDA test: operator, models, NCCL
 #   bash .ci/gpu.sh bench     # tools/benchmark.py --device cuda
 #   bash .ci/gpu.sh session   # all of it within one lease (below)
-#   bash .ci/gpu.sh speed     # SeT's speed only, ~4 min, no install
+#   bash .ci/gpu.sh speed     # SeT's tests and speed, ~7 min, no install
 #   bash .ci/gpu.sh wheels    # (run where pip reaches PyPI) fill .whl/
 # OUT=dir collects logs and results (default ./gpu_out).  Offline machines:
 # PIP_NO_INDEX=1 PIP_FIND_LINKS=/dir/of/wheels (mmcv's sdist among them).
@@ -58,15 +58,20 @@ case "${1:-all}" in
   all)
     bash "$0" install && bash "$0" tests && bash "$0" bench ;;
   speed)
-    # SeT's speed on a GPU within ~4 minutes of a lease, no install (the
-    # carried mmengine; timm's Swin-T): SeTformer-T at 224^2 x 64 as auto
-    # runs it, with the reference and the Triton kernels forced (each
-    # step's GPU time per operator and kernel), then every Triton kernel
-    # in 32 x 32 tiles (MMSETFORMER_TRITON_BLOCK_N / _M)
+    # SeT on a GPU within ~7 minutes of a lease, no install (the carried
+    # mmengine; timm's Swin-T): the operator's CUDA tests (OPS_TESTS=0:
+    # not them), then SeTformer-T at 224^2 x 64 as auto runs it, with the
+    # reference and the Triton kernels forced (each step's GPU time per
+    # operator and kernel), then every Triton kernel in 32 x 32 tiles
+    # (MMSETFORMER_TRITON_BLOCK_N / _M)
     [[ -d .whl ]] && export PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/.whl"
     "$PY" -m pip install -q --no-deps mmengine==0.10.7 addict yapf \
       termcolor platformdirs
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    if [[ "${OPS_TESTS:-1}" != 0 ]]; then
+      "$PY" -m pytest -q -rs "${CUDA_TESTS[@]}" -k "$OPS" 2>&1 \
+        | tee "$OUT/speed_tests.log"
+    fi
     sp() {
       "$PY" tools/benchmark.py --device cuda --only backbone --swin timm \
         --settings 224x224 "$@" 2>&1 | tee -a "$OUT/speed.log"
