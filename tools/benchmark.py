@@ -182,7 +182,10 @@ def bench_operator(args, device, report):
     m, heads, d = (64, 2, 32) if args.quick else (750, 2, 32)
     eps, sigma, T = 0.3, 0.8, 3
     kw = dict(eps=eps, num_iters=T, sigma=sigma)
+    # (filled as it goes: a checkpoint's report keeps what was measured)
     rows = []
+    op = report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
+                                   sigma=sigma, num_iters=T, rows=rows)
     grid = reference_grid(m)
     ref_pos = grid_positions(*grid, device=device)
     for side in sides:
@@ -242,8 +245,8 @@ def bench_operator(args, device, report):
             with torch.no_grad(), set_backend('reference'):
                 y64 = set_attention(q.double(), v.double(), refs.double(),
                                     pos=pos, **kw)
-            accuracy = _accuracy({k: f for k, f in fns.items()
-                                  if k.startswith('SeT')}, y64)
+            op['accuracy'] = _accuracy({k: f for k, f in fns.items()
+                                        if k.startswith('SeT')}, y64)
         big_sdpa = n > 20000 and device.type == 'cpu'
         for mode in ('forward', 'forward+backward'):
             cands = {name: _operator_call(fn, leaves, mode != 'forward')
@@ -266,13 +269,7 @@ def bench_operator(args, device, report):
                 print(f'  operator n={n:6d} {mode:17s} {name:26s} '
                       f'{times[name] * 1e3:9.2f} ms {mem / 2**20:9.1f} MiB',
                       flush=True)
-            report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
-                                      sigma=sigma, num_iters=T, rows=rows,
-                                      accuracy=accuracy)
             checkpoint()
-    report['operator'] = dict(m=m, heads=heads, head_dim=d, eps=eps,
-                              sigma=sigma, num_iters=T, rows=rows,
-                              accuracy=accuracy)
     if cuda and not args.quick:
         report['operator']['batched'] = _batched_tokens(
             args, device, sides[:3], kw, m, heads, d)
@@ -292,7 +289,7 @@ def bench_operator(args, device, report):
         n=side * side, what='CUDA kernel' if cuda else 'operator', rows=[
             dict(impl=k, **r) for k, fn in impls.items()
             for r in kernel_times(_operator_call(fn, (q, v, refs), True),
-                                  device)])
+                                  device)['kernels']])
 
 
 def checkpoint():
@@ -312,38 +309,49 @@ def _forced(fn: Callable, backend: str, precision: str = None) -> Callable:
     return call
 
 
-def kernel_times(call: Callable, device, top: int = 10,
-                 ops: bool = False) -> list:
-    """The kernels (CUDA) or operators (CPU) one ``call`` runs, by their
-    own time, from torch's profiler after a warm-up call: the ``top`` ones
-    and the rest as one row, each with its calls, ms and share.  ``ops``
-    (CUDA): the operators instead, each with its kernels' time."""
+def kernel_times(call: Callable, device, top: int = 10) -> dict:
+    """Where one ``call`` spends its time, from torch's profiler after a
+    warm-up call: ``kernels``, the CUDA kernels (on the CPU: operators) by
+    their own time, and on CUDA ``ops``, the operators by the time of the
+    kernels each launched itself; the ``top`` ones and the rest as one
+    row, each with its calls, ms and share."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     call()
     _sync(device)
     cuda = device.type == 'cuda'
-    with profile(activities=[ProfilerActivity.CUDA] + (
-            [ProfilerActivity.CPU] if ops else []) if cuda
-            else [ProfilerActivity.CPU]) as p:
+    with profile(activities=[ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if cuda else [])) as p:
         call()
         _sync(device)
     # (a custom operator with autograd runs inside an autograd.Function
     # torch generates, whose profiler label is "GeneratedBackwardFor_<ns>_
     # <op>_default": the operator's forward, named as the operator)
-    rows = [dict(kernel=re.sub(r'^GeneratedBackwardFor_([a-z0-9]+)_(\w+)'
-                               r'_default$', r'\1::\2', e.key),
-                 calls=e.count, ms=(e.self_device_time_total if cuda
-                                    else e.self_cpu_time_total) / 1e3)
-            for e in p.key_averages() if not ops or
-            e.device_type == DeviceType.CPU]
-    rows = sorted((r for r in rows if r['ms'] > 0), key=lambda r: -r['ms'])
-    total = sum(r['ms'] for r in rows)
-    if len(rows) > top + 1:
-        rest = rows[top:]
-        rows = rows[:top] + [dict(kernel=f'({len(rest)} others)', calls=sum(
-            r['calls'] for r in rest), ms=sum(r['ms'] for r in rest))]
-    return [dict(r, share=r['ms'] / total) for r in rows]
+    events = {'kernels': [], 'ops': []}
+    for e in p.key_averages():
+        kind = 'ops' if cuda and e.device_type == DeviceType.CPU \
+            else 'kernels'
+        events[kind].append(dict(
+            kernel=re.sub(r'^GeneratedBackwardFor_([a-z0-9]+)_(\w+)'
+                          r'_default$', r'\1::\2', e.key),
+            calls=e.count, ms=(e.self_device_time_total if cuda
+                               else e.self_cpu_time_total) / 1e3))
+    out = {}
+    for kind, rows in events.items():
+        rows = sorted((r for r in rows if r['ms'] > 0),
+                      key=lambda r: -r['ms'])
+        total = sum(r['ms'] for r in rows)
+        out[kind] = _fold([dict(r, share=r['ms'] / total) for r in rows],
+                          top)
+    return out if cuda else {'kernels': out['kernels']}
+
+
+def _fold(rows: list, top: int, rest: str = '({} others)') -> list:
+    """Ranked ``rows``: the ``top`` ones and the rest summed in one row."""
+    if len(rows) <= top + 1:
+        return rows
+    return rows[:top] + [dict(kernel=rest.format(len(rows) - top), **{
+        k: sum(r[k] for r in rows[top:]) for k in ('calls', 'ms', 'share')})]
 
 
 def _batched_tokens(args, device, sides, kw, m, heads, d):
@@ -600,14 +608,9 @@ def bench_backbone(args, device, report):
                 if cuda:
                     # the GPU's kernels' time over the step's: well below
                     # 1, the step waits for the CPU to issue its launches
-                    kern = rows[-1]['kernels'] = kernel_times(fn, device, 30)
-                    try:  # (a profiler quirk must not cost the figures)
-                        rows[-1]['ops'] = kernel_times(fn, device, 30,
-                                                       ops=True)
-                    except Exception as e:
-                        print(f'  (no operator profile: {e!r})', flush=True)
-                    rows[-1]['busy'] = sum(r['ms'] for r in kern) / 1e3 / \
-                        times[k]
+                    rows[-1].update(kernel_times(fn, device, 30))
+                    rows[-1]['busy'] = sum(
+                        r['ms'] for r in rows[-1]['kernels']) / 1e3 / times[k]
                 print(f'  backbone {label:18s} {mode:21s} {k:27s} '
                       f'{times[k]:7.3f} s {b / times[k]:8.1f} img/s '
                       f'{mem / 2**20:8.0f} MiB '
@@ -844,7 +847,7 @@ def to_markdown(report) -> str:
            f'{report.get("allocator", "system allocator")}; '
            f'{"quick mode; " if report["quick"] else ""}'
            f'medians of interleaved runs.', '']
-    if 'operator' in report:
+    if report.get('operator', {}).get('rows'):
         op = report['operator']
         names = list(dict.fromkeys(r['op'] for r in op['rows']))
         others = [k for k in names if k != 'SeT']
@@ -1027,16 +1030,9 @@ def _kernel_shares(rows, top: int = 8) -> list:
            '| mode | model | operator | calls | ms | share |',
            '| --- | --- | --- | --- | --- | --- |']
     for r in rows:
-        ops = r['ops']
-        if len(ops) > top + 1:
-            rest = ops[top:]
-            ops = ops[:top] + [dict(
-                kernel='(the rest)', calls=sum(k['calls'] for k in rest),
-                ms=sum(k['ms'] for k in rest),
-                share=sum(k['share'] for k in rest))]
         out += [f'| {r["mode"]} | {r["model"]} | `{k["kernel"][:60]}` | '
                 f'{k["calls"]} | {k["ms"]:,.2f} | {k["share"]:.0%} |'
-                for k in ops]
+                for k in _fold(r['ops'], top, '(the rest)')]
     return out + ['']
 
 
@@ -1158,11 +1154,12 @@ def main():
 
     global checkpoint
 
-    def checkpoint():
+    def checkpoint() -> str:
         try:  # (a report that fails to render must not stop the run)
-            write_report(report, args.out, name, t0)
+            return write_report(report, args.out, name, t0)
         except Exception:
             traceback.print_exc()
+            return ''
 
     failed = []
     for part in parts:
@@ -1174,12 +1171,13 @@ def main():
             failed.append(part)
         # the report so far after every part (a failed one's rows too): a
         # run stopped early (a GPU lease's time limit) keeps what it did
-        md = write_report(report, args.out, name, t0)
-    if 'operator' in report:
+        md = checkpoint()
+    plotted = bool(report.get('operator', {}).get('rows'))
+    if plotted:
         plot(report, osp.join(args.out, f'{name}_scaling.png'))
     print('\n' + md)
     print(f'wrote {args.out}/{name}.md, {name}.json'
-          f'{f", {name}_scaling.png" if "operator" in report else ""} in '
+          f'{f", {name}_scaling.png" if plotted else ""} in '
           f'{report["seconds"]:.0f} s')
     if failed:
         sys.exit(f'failed: {", ".join(failed)} (tracebacks above)')
