@@ -455,9 +455,10 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
     """
     batch, (n, m) = math.prod(K.shape[:-2]), K.shape[-2:]
     floor = torch.tensor(-LOG_KERNEL_FLOOR, dtype=K.dtype).exp()
-    gqf, grf = [], []
+    gqf, grf = [], None
 
     def rows_from(i: int, rows: int, buf: Optional[Tensor]):
+        nonlocal grf
         Kb = K[..., i:i + rows, :]
         glog = torch.matmul(U[..., i:i + rows, :], Vt, out=None if buf is None
                             else buf[:Kb.numel()].view(Kb.shape))
@@ -466,10 +467,7 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
             gqf.append(torch.matmul(glog, rf))
         if need_rf:
             g = torch.matmul(qf[..., i:i + rows, :].transpose(-1, -2), glog)
-            if grf:
-                grf[0].add_(g)
-            else:
-                grf.append(g)
+            grf = g if grf is None else grf.add_(g)
 
     if torch.compiler.is_compiling():
         # one block: a loop over a symbolic n makes dynamo (torch 2.11)
@@ -483,8 +481,7 @@ def _logit_grads(K: Tensor, U: Tensor, Vt: Tensor, qf: Tensor, rf: Tensor,
         for i in range(0, n, rows):
             rows_from(i, rows, buf)
     return (torch.cat(gqf, -2) if need_qf else None,
-            grf[0].transpose(-1, -2).sum(0, keepdim=True) if need_rf
-            else None)
+            grf.transpose(-1, -2).sum(0, keepdim=True) if need_rf else None)
 
 
 class _SeTFunction(torch.autograd.Function):
